@@ -1,0 +1,13 @@
+//! Local file or block device leg (io_uring). Being written.
+use std::path::Path;
+use std::sync::Arc;
+use crate::block::*;
+use crate::OpenOptions;
+use crate::OpenError;
+/// Placeholder.
+pub struct FileLeg;
+impl FileLeg {
+    /// Placeholder.
+    pub fn open(uri: String, _p: &Path, _d: bool, _o: &OpenOptions, _s: Arc<dyn CompletionSink>) -> Result<Self, OpenError> { Err(OpenError::Unusable { uri, reason: "not yet".into() }) }
+}
+impl BlockLeg for FileLeg { fn uri(&self) -> &str { "" } fn info(&self) -> &LegInfo { unreachable!() } fn submit(&self, _r: LegRequest) {} fn abort(&self, _r: &str) {} fn is_alive(&self) -> bool { false } }
