@@ -1,1 +1,11 @@
+//! The replication engine, independent of any VMM: write fan-out to every up-to-date leg, leg
+//! health and ejection, read routing and retry. It knows legs only through
+//! [`transport::BlockLeg`] and answers requests through a handler the embedder supplies, so it runs
+//! the same under the vhost-user backend, inside another VMM, or in a test.
 
+pub mod block;
+
+pub use block::{
+    BlockMirror, IoStatus, KeepAlive, LegState, LegStatus, MirrorConfig, MirrorError, MirrorInfo,
+    MirrorStatus, ReadPolicy, MAX_LEGS,
+};
