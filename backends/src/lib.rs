@@ -1,1 +1,4 @@
+//! vhost-user devices on the rust-vmm crates, turning virtqueue requests into mirror operations and
+//! completions back into used-ring entries.
 
+pub mod blk;

@@ -1,0 +1,376 @@
+//! vhost-user-blk device over a [`BlockMirror`].
+//!
+//! Module split after Firecracker's block device: [`request`] parses and checks descriptor chains,
+//! [`queue`] moves requests between the virtqueue and the mirror and answers them, and this file
+//! is the device: features, config space, and the vhost-user plumbing.
+
+pub mod queue;
+pub mod request;
+
+use std::io;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use mirror::{BlockMirror, MirrorInfo};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use vm_memory::{ByteValued, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier};
+
+pub use queue::Completion;
+use queue::QueueState;
+use request::{Limits, MAX_DATA_SEGMENTS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+
+/// The mirror type the block device drives.
+pub type BlkMirror = BlockMirror<Completion>;
+
+/// Largest queue the device offers.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+/// Largest single data segment the device advertises.
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest discard/write-zeroes range in sectors (1 GiB), so one request stays bounded.
+pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) / SECTOR_SIZE as u32;
+
+/// Errors of the block device.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkError {
+    #[error("--num-queues must be between 1 and {max}, got {got}")]
+    NumQueues { got: usize, max: usize },
+    #[error("--serial may be at most {VIRTIO_BLK_ID_BYTES} bytes, got {0}")]
+    SerialTooLong(usize),
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        source: vhost::vhost_user::Error,
+    },
+    #[error("vhost-user daemon: {0}")]
+    Daemon(String),
+    #[error("unsupported queue event {0}")]
+    UnknownEvent(u16),
+    #[error("queue {0}: guest memory not set up yet")]
+    NoMemory(usize),
+}
+
+impl From<BlkError> for io::Error {
+    fn from(e: BlkError) -> Self {
+        io::Error::other(e)
+    }
+}
+
+/// Settings of the block device (from the command line, or chosen by an embedder).
+#[derive(Debug, Clone)]
+pub struct BlkConfig {
+    pub num_queues: usize,
+    pub queue_size: usize,
+    pub read_only: bool,
+    pub serial: String,
+}
+
+impl Default for BlkConfig {
+    fn default() -> Self {
+        BlkConfig {
+            num_queues: 1,
+            queue_size: MAX_QUEUE_SIZE,
+            read_only: false,
+            serial: "vhost-mirror".into(),
+        }
+    }
+}
+
+impl BlkConfig {
+    /// Checks the settings and returns the serial as the 20 bytes GET_ID answers with.
+    pub fn validate(&self) -> Result<[u8; VIRTIO_BLK_ID_BYTES as usize], BlkError> {
+        if self.num_queues == 0 || self.num_queues > 64 {
+            return Err(BlkError::NumQueues {
+                got: self.num_queues,
+                max: 64,
+            });
+        }
+        let bytes = self.serial.as_bytes();
+        if bytes.len() > VIRTIO_BLK_ID_BYTES as usize {
+            return Err(BlkError::SerialTooLong(bytes.len()));
+        }
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        id[..bytes.len()].copy_from_slice(bytes);
+        Ok(id)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct ConfigSpace(virtio_blk_config);
+// SAFETY: virtio_blk_config is a repr(C) struct of integers laid out by the virtio spec; every
+// byte pattern is a valid value.
+unsafe impl ByteValued for ConfigSpace {}
+
+fn config_space(info: &MirrorInfo, cfg: &BlkConfig) -> ConfigSpace {
+    let mut c = virtio_blk_config {
+        capacity: (info.capacity / SECTOR_SIZE).to_le(),
+        size_max: SIZE_MAX.to_le(),
+        seg_max: (MAX_DATA_SEGMENTS as u32).to_le(),
+        blk_size: info.block_size.to_le(),
+        min_io_size: ((info.block_size as u64 / SECTOR_SIZE) as u16).to_le(),
+        opt_io_size: 0,
+        num_queues: (cfg.num_queues as u16).to_le(),
+        ..Default::default()
+    };
+    let align = (info.block_size as u64 / SECTOR_SIZE) as u32;
+    if info.discard {
+        c.max_discard_sectors = MAX_DISCARD_SECTORS.to_le();
+        c.max_discard_seg = MAX_DISCARD_SEGMENTS.to_le();
+        c.discard_sector_alignment = align.to_le();
+    }
+    if info.write_zeroes {
+        c.max_write_zeroes_sectors = MAX_DISCARD_SECTORS.to_le();
+        c.max_write_zeroes_seg = MAX_DISCARD_SEGMENTS.to_le();
+        c.write_zeroes_may_unmap = 1;
+    }
+    ConfigSpace(c)
+}
+
+/// The vhost-user-blk device of one frontend connection.
+pub struct VhostUserBlk {
+    mirror: BlkMirror,
+    limits: Limits,
+    serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    cfg: BlkConfig,
+    features: u64,
+    config: ConfigSpace,
+    event_idx: AtomicBool,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+    queues: Vec<Arc<QueueState>>,
+}
+
+impl VhostUserBlk {
+    /// A device serving `mirror` with the settings in `cfg`.
+    pub fn new(mirror: BlkMirror, cfg: BlkConfig) -> Result<Self, BlkError> {
+        let serial = cfg.validate()?;
+        let info = mirror.info();
+        let read_only = cfg.read_only || info.read_only;
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_BLK_F_SIZE_MAX
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_TOPOLOGY
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if read_only {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        } else {
+            if info.discard {
+                features |= 1 << VIRTIO_BLK_F_DISCARD;
+            }
+            if info.write_zeroes {
+                features |= 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+            }
+        }
+        let limits = Limits {
+            capacity: info.capacity - info.capacity % SECTOR_SIZE,
+            read_only,
+            // Advertised always: with legs that lack flush, writes are durable when complete and
+            // a flush costs nothing.
+            flush: true,
+            discard: info.discard && !read_only,
+            write_zeroes: info.write_zeroes && !read_only,
+        };
+        Ok(VhostUserBlk {
+            config: config_space(&info, &cfg),
+            queues: (0..cfg.num_queues)
+                .map(|_| Arc::new(QueueState::default()))
+                .collect(),
+            mirror,
+            limits,
+            serial,
+            cfg,
+            features,
+            event_idx: AtomicBool::new(false),
+            mem: RwLock::new(None),
+        })
+    }
+
+    /// Requests accepted from the guest and not yet answered, over all queues.
+    pub fn inflight(&self) -> usize {
+        self.queues.iter().map(|q| q.inflight()).sum()
+    }
+
+    /// Waits until every accepted request has been answered, or `limit` passes.
+    fn drain(&self, queues: impl Iterator<Item = usize>, limit: Duration) -> bool {
+        let start = Instant::now();
+        let queues: Vec<usize> = queues.collect();
+        loop {
+            let left: usize = queues.iter().map(|&q| self.queues[q].inflight()).sum();
+            if left == 0 {
+                return true;
+            }
+            if start.elapsed() > limit {
+                warn!("{left} requests still in flight after {limit:?}; giving up waiting");
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn drain_limit(&self) -> Duration {
+        // Long enough for the mirror to eject a hung leg and retry elsewhere.
+        Duration::from_secs(30)
+    }
+}
+
+impl VhostUserBackend for VhostUserBlk {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        self.cfg.num_queues
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let bytes = self.config.as_slice();
+        let start = (offset as usize).min(bytes.len());
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        let mut out = bytes[start..end].to_vec();
+        // A frontend that asks past the end gets zeroes rather than a short answer.
+        out.resize(size as usize, 0);
+        out
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> io::Result<()> {
+        if let Ok(mut m) = self.mem.write() {
+            *m = Some(mem);
+        }
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per queue, so queues scale over cores.
+        (0..self.cfg.num_queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE: the frontend reads the ring indexes after this returns, so every
+        // request accepted from this queue must have been answered first.
+        let q = queue_index as usize;
+        if q < self.queues.len() {
+            self.drain(std::iter::once(q), self.drain_limit());
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let q = device_event as usize;
+        let (Some(vring), Some(state)) = (vrings.get(q), self.queues.get(q)) else {
+            return Err(BlkError::UnknownEvent(device_event).into());
+        };
+        let mem = self
+            .mem
+            .read()
+            .ok()
+            .and_then(|m| m.as_ref().map(|m| m.memory().into_inner()))
+            .ok_or(BlkError::NoMemory(q))?;
+        let ctx = queue::QueueContext {
+            mirror: &self.mirror,
+            limits: &self.limits,
+            serial: &self.serial,
+            state,
+            vring,
+            mem: &mem,
+        };
+        if self.event_idx.load(Ordering::Acquire) {
+            // Keep notifications off while draining, and look again after re-enabling them, so a
+            // request that arrives in between is not left waiting for a kick that never comes.
+            loop {
+                vring.disable_notification().map_err(io::Error::other)?;
+                ctx.process();
+                if !vring.enable_notification().map_err(io::Error::other)? {
+                    break;
+                }
+            }
+        } else {
+            ctx.process();
+        }
+        Ok(())
+    }
+}
+
+/// Serves `mirror` on the vhost-user socket `socket`, one frontend at a time, until `stop` is
+/// set. A frontend that disconnects (a restarting VMM) is waited for again.
+pub fn serve(
+    socket: &Path,
+    mirror: BlkMirror,
+    cfg: BlkConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<(), BlkError> {
+    cfg.validate()?;
+    let mut listener = Listener::new(socket, true).map_err(|source| BlkError::Listen {
+        path: socket.display().to_string(),
+        source,
+    })?;
+    info!("vhost-user-blk listening on {}", socket.display());
+    while !stop.load(Ordering::Acquire) {
+        let backend = Arc::new(VhostUserBlk::new(mirror.clone(), cfg.clone())?);
+        let mut daemon = VhostUserDaemon::new(
+            "vhost-mirror-blk".into(),
+            backend.clone(),
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .map_err(|e| BlkError::Daemon(e.to_string()))?;
+        daemon
+            .start(&mut listener)
+            .map_err(|e| BlkError::Daemon(e.to_string()))?;
+        info!("frontend connected");
+        match daemon.wait() {
+            Ok(()) => info!("frontend disconnected"),
+            Err(e) => warn!("frontend connection ended: {e}"),
+        }
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        // Requests of the old connection still complete into its (still mapped) memory; let
+        // them finish before a new frontend sets up the rings again.
+        backend.drain(0..cfg.num_queues, backend.drain_limit());
+    }
+    Ok(())
+}

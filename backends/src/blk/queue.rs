@@ -1,0 +1,228 @@
+//! Moving requests from a virtqueue into the mirror, and answers back into the used ring.
+//!
+//! The vring thread never waits for I/O: it pops chains, parses them, hands them to the mirror and
+//! returns to its event loop. Answers are written by whichever thread finishes the request (a leg's
+//! completion thread), which saves a thread hop per request over routing them back through the
+//! vring thread; the vring lock is held only to add the used entry.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use log::warn;
+use mirror::{IoStatus, KeepAlive};
+use smallvec::SmallVec;
+use transport::{Buffers, LegOp};
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::request::{self, Limits, ParseError, Request, RequestKind};
+use super::BlkMirror;
+
+/// Chains popped per lock of the vring: enough to amortise the lock, few enough that completions
+/// (which need the same lock) are not held up.
+const POP_BATCH: usize = 32;
+
+/// Per-queue bookkeeping shared by the vring thread and the completing threads.
+#[derive(Default)]
+pub struct QueueState {
+    inflight: AtomicUsize,
+}
+
+impl QueueState {
+    /// Requests accepted and not yet answered.
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Acquire)
+    }
+}
+
+/// Everything needed to answer one request; it travels through the mirror as the request's
+/// context.
+pub struct Completion {
+    vring: VringRwLock,
+    mem: Arc<GuestMemoryMmap>,
+    state: Arc<QueueState>,
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+}
+
+impl Completion {
+    /// Writes the status byte, returns the chain to the driver and notifies it if it asked to be.
+    pub fn finish(self, status: IoStatus) {
+        let (byte, used_len) = match status {
+            IoStatus::Ok => (VIRTIO_BLK_S_OK as u8, self.used_len),
+            IoStatus::IoError => (VIRTIO_BLK_S_IOERR as u8, 1),
+            IoStatus::Unsupported => (VIRTIO_BLK_S_UNSUPP as u8, 1),
+        };
+        if let Err(e) = self.mem.write_obj(byte, self.status) {
+            warn!("cannot write status byte at {:#x}: {e}", self.status.0);
+        }
+        answer(&self.vring, self.head, used_len);
+        self.state.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn answer(vring: &VringRwLock, head: u16, used_len: u32) {
+    if let Err(e) = vring.add_used(head, used_len) {
+        warn!("cannot add used entry for descriptor {head}: {e}");
+        return;
+    }
+    // With EVENT_IDX the driver says when it wants an interrupt; without it this is always true.
+    match vring.needs_notification() {
+        Ok(false) => {}
+        _ => {
+            if let Err(e) = vring.signal_used_queue() {
+                warn!("cannot signal used queue: {e}");
+            }
+        }
+    }
+}
+
+fn status_byte_answer(mem: &GuestMemoryMmap, status: GuestAddress, byte: u32) {
+    if let Err(e) = mem.write_obj(byte as u8, status) {
+        warn!("cannot write status byte at {:#x}: {e}", status.0);
+    }
+}
+
+/// One pass over one queue, borrowed from the device for the duration of an event.
+pub struct QueueContext<'a> {
+    pub mirror: &'a BlkMirror,
+    pub limits: &'a Limits,
+    pub serial: &'a [u8; 20],
+    pub state: &'a Arc<QueueState>,
+    pub vring: &'a VringRwLock,
+    pub mem: &'a Arc<GuestMemoryMmap>,
+}
+
+impl QueueContext<'_> {
+    /// Takes every available chain off the queue and starts it.
+    pub fn process(&self) {
+        loop {
+            let mut batch: SmallVec<[(u16, Result<Request, ParseError>); POP_BATCH]> =
+                SmallVec::new();
+            {
+                let mut guard = self.vring.get_mut();
+                let queue = guard.get_queue_mut();
+                while batch.len() < POP_BATCH {
+                    let Some(chain) = queue.pop_descriptor_chain(&**self.mem) else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    batch.push((head, request::parse(chain, &**self.mem, self.limits)));
+                }
+            }
+            // The vring lock is released before the mirror sees the requests: a leg may complete
+            // one inline, and answering takes that lock.
+            if batch.is_empty() {
+                return;
+            }
+            for (head, parsed) in batch {
+                match parsed {
+                    Ok(req) => self.start(head, req),
+                    Err(e) => self.refuse(head, e),
+                }
+            }
+        }
+    }
+
+    fn refuse(&self, head: u16, e: ParseError) {
+        warn!("refusing request (descriptor {head}): {e}");
+        match e.status {
+            Some(status) => {
+                let byte = if e.is_unsupported() {
+                    VIRTIO_BLK_S_UNSUPP
+                } else {
+                    VIRTIO_BLK_S_IOERR
+                };
+                status_byte_answer(self.mem, status, byte);
+                answer(self.vring, head, 1);
+            }
+            // Nowhere to put a status: hand the chain back with nothing written so the driver's
+            // descriptors are not lost.
+            None => answer(self.vring, head, 0),
+        }
+    }
+
+    fn start(&self, head: u16, req: Request) {
+        if req.kind == RequestKind::GetId {
+            let mut left: &[u8] = self.serial;
+            for seg in &req.data {
+                let n = (seg.len as usize).min(left.len());
+                if self.mem.write_slice(&left[..n], seg.addr).is_err() {
+                    status_byte_answer(self.mem, req.status, VIRTIO_BLK_S_IOERR);
+                    answer(self.vring, head, 1);
+                    return;
+                }
+                left = &left[n..];
+            }
+            status_byte_answer(self.mem, req.status, VIRTIO_BLK_S_OK);
+            answer(self.vring, head, req.used_len());
+            return;
+        }
+        let op = match req.kind {
+            RequestKind::In | RequestKind::Out => {
+                let Some(bufs) = self.host_buffers(&req) else {
+                    status_byte_answer(self.mem, req.status, VIRTIO_BLK_S_IOERR);
+                    answer(self.vring, head, 1);
+                    return;
+                };
+                if req.kind == RequestKind::In {
+                    LegOp::Read {
+                        offset: req.offset,
+                        bufs,
+                    }
+                } else {
+                    LegOp::Write {
+                        offset: req.offset,
+                        bufs,
+                        fua: false,
+                    }
+                }
+            }
+            RequestKind::Flush => LegOp::Flush,
+            RequestKind::Discard => LegOp::Discard {
+                offset: req.offset,
+                len: req.len,
+            },
+            RequestKind::WriteZeroes { unmap } => LegOp::WriteZeroes {
+                offset: req.offset,
+                len: req.len,
+                may_unmap: unmap,
+            },
+            RequestKind::GetId => return,
+        };
+        self.state.inflight.fetch_add(1, Ordering::AcqRel);
+        let keep: Arc<dyn KeepAlive> = self.mem.clone();
+        self.mirror.submit(
+            op,
+            Some(keep),
+            Completion {
+                vring: self.vring.clone(),
+                mem: self.mem.clone(),
+                state: self.state.clone(),
+                head,
+                status: req.status,
+                used_len: req.used_len(),
+            },
+        );
+    }
+
+    /// Host addresses of the request's buffers. A guest buffer may straddle two memory regions,
+    /// so one segment can become several iovecs.
+    fn host_buffers(&self, req: &Request) -> Option<Buffers> {
+        let mut bufs = Buffers::new();
+        for seg in &req.data {
+            for slice in GuestMemoryBackend::get_slices(&**self.mem, seg.addr, seg.len as usize) {
+                let slice = slice.ok()?;
+                // SAFETY: the pointer is into the guest memory mapping, which the `keep` handed to
+                // the mirror with this request holds open until no leg can touch the buffer any
+                // more. The driver gave this buffer to the device until the request is answered,
+                // so nothing in the guest accesses it meanwhile.
+                unsafe { bufs.push(slice.ptr_guard_mut().as_ptr(), slice.len()) };
+            }
+        }
+        Some(bufs)
+    }
+}

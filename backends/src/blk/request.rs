@@ -1,0 +1,362 @@
+//! Turning a virtio-blk descriptor chain into a checked request.
+//!
+//! Nothing a driver puts in a chain may crash the backend: every address is checked against guest
+//! memory, every length against the device, and every failure names what was wrong so the request
+//! can be answered with IOERR or UNSUPP.
+
+use smallvec::SmallVec;
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Le32, Le64};
+
+/// Bytes in a virtio-blk sector, whatever the device's block size.
+pub const SECTOR_SIZE: u64 = 512;
+/// `VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP`.
+pub const WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+/// Segments we accept in one discard or write-zeroes request (advertised in the config space).
+pub const MAX_DISCARD_SEGMENTS: u32 = 1;
+/// Descriptors we accept in one chain beyond header and status (advertised as `seg_max`).
+pub const MAX_DATA_SEGMENTS: usize = 126;
+
+/// `struct virtio_blk_outhdr`.
+#[derive(Clone, Copy, Default, Debug)]
+#[repr(C)]
+pub struct RequestHeader {
+    pub type_: Le32,
+    pub ioprio: Le32,
+    pub sector: Le64,
+}
+// SAFETY: plain little-endian integers with no padding; every bit pattern is valid.
+unsafe impl ByteValued for RequestHeader {}
+
+/// `struct virtio_blk_discard_write_zeroes`.
+#[derive(Clone, Copy, Default, Debug)]
+#[repr(C)]
+pub struct DiscardSegment {
+    pub sector: Le64,
+    pub num_sectors: Le32,
+    pub flags: Le32,
+}
+// SAFETY: plain little-endian integers with no padding; every bit pattern is valid.
+unsafe impl ByteValued for DiscardSegment {}
+
+/// What the request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestKind {
+    In,
+    Out,
+    Flush,
+    GetId,
+    Discard,
+    WriteZeroes { unmap: bool },
+}
+
+/// One data segment in guest memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub addr: GuestAddress,
+    pub len: u32,
+}
+
+/// A parsed, checked request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub kind: RequestKind,
+    /// Byte offset on the disk.
+    pub offset: u64,
+    /// Bytes the request covers on disk (data length for IN/OUT, range for discard/zeroes).
+    pub len: u64,
+    /// Payload buffers (IN, OUT, GET_ID).
+    pub data: SmallVec<[Segment; 8]>,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+}
+
+impl Request {
+    /// Bytes the device writes into the driver's buffers, as reported in the used ring.
+    pub fn used_len(&self) -> u32 {
+        let data = match self.kind {
+            RequestKind::In => self.len as u32,
+            RequestKind::GetId => self
+                .data
+                .iter()
+                .map(|s| s.len)
+                .sum::<u32>()
+                .min(VIRTIO_BLK_ID_BYTES),
+            _ => 0,
+        };
+        data + 1
+    }
+}
+
+/// Why a chain was refused. `status` is where the answer can still be written, if anywhere.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{reason}")]
+pub struct ParseError {
+    pub reason: Reason,
+    pub status: Option<GuestAddress>,
+}
+
+/// What was wrong with a chain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    #[error("empty descriptor chain")]
+    Empty,
+    #[error("last descriptor is not a device-writable status byte")]
+    NoStatus,
+    #[error("descriptor {addr:#x}+{len} lies outside guest memory")]
+    OutOfMemory { addr: u64, len: u32 },
+    #[error("header shorter than 16 bytes or not device-readable")]
+    ShortHeader,
+    #[error("more than {MAX_DATA_SEGMENTS} data descriptors")]
+    TooManySegments,
+    #[error("request type {0} not supported")]
+    Unsupported(u32),
+    #[error("data buffer has the wrong direction for a {0} request")]
+    WrongDirection(&'static str),
+    #[error("length {0} is not a multiple of 512")]
+    Unaligned(u64),
+    #[error("sectors {first}..{end} lie past the end of the disk ({capacity_sectors} sectors)")]
+    PastEnd {
+        first: u64,
+        end: u64,
+        capacity_sectors: u64,
+    },
+    #[error("discard/write-zeroes payload of {0} bytes is not 1..={MAX_DISCARD_SEGMENTS} segments")]
+    BadSegments(u64),
+    #[error("unknown discard/write-zeroes flags {0:#x}")]
+    BadFlags(u32),
+    #[error("write to a read-only disk")]
+    ReadOnly,
+    #[error("request type disabled: {0}")]
+    Disabled(&'static str),
+}
+
+impl ParseError {
+    /// UNSUPP for requests the device does not do, IOERR for everything malformed.
+    pub fn is_unsupported(&self) -> bool {
+        matches!(
+            self.reason,
+            Reason::Unsupported(_) | Reason::BadFlags(_) | Reason::Disabled(_)
+        )
+    }
+}
+
+/// What the device allows, for checking requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub capacity: u64,
+    pub read_only: bool,
+    pub flush: bool,
+    pub discard: bool,
+    pub write_zeroes: bool,
+}
+
+/// Parses the descriptors of one chain (as produced by iterating a `DescriptorChain`).
+pub fn parse<M: GuestMemory + GuestMemoryBackend>(
+    descs: impl IntoIterator<Item = Descriptor>,
+    mem: &M,
+    limits: &Limits,
+) -> Result<Request, ParseError> {
+    let mut all: SmallVec<[Descriptor; 16]> = SmallVec::new();
+    for d in descs {
+        if all.len() > MAX_DATA_SEGMENTS + 2 {
+            return Err(ParseError {
+                reason: Reason::TooManySegments,
+                status: None,
+            });
+        }
+        all.push(d);
+    }
+    let Some(last) = all.last().copied() else {
+        return Err(ParseError {
+            reason: Reason::Empty,
+            status: None,
+        });
+    };
+    for d in &all {
+        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
+            return Err(ParseError {
+                reason: Reason::OutOfMemory {
+                    addr: d.addr().0,
+                    len: d.len(),
+                },
+                status: None,
+            });
+        }
+    }
+    if !last.is_write_only() || last.len() == 0 {
+        return Err(ParseError {
+            reason: Reason::NoStatus,
+            status: None,
+        });
+    }
+    let status = GuestAddress(last.addr().0 + u64::from(last.len()) - 1);
+    let fail = |reason| ParseError {
+        reason,
+        status: Some(status),
+    };
+
+    // Drivers may split the header across descriptors or share one descriptor between header and
+    // data; carve the stream of bytes rather than trusting the framing.
+    let mut segs: SmallVec<[(Segment, bool); 16]> = all
+        .iter()
+        .map(|d| {
+            (
+                Segment {
+                    addr: d.addr(),
+                    len: d.len(),
+                },
+                d.is_write_only(),
+            )
+        })
+        .collect();
+    // The status byte is the last byte of the last descriptor.
+    if let Some((s, _)) = segs.last_mut() {
+        s.len -= 1;
+    }
+    let mut header_bytes = [0u8; std::mem::size_of::<RequestHeader>()];
+    let mut got = 0usize;
+    let mut idx = 0usize;
+    while got < header_bytes.len() {
+        let Some((seg, write_only)) = segs.get_mut(idx) else {
+            return Err(fail(Reason::ShortHeader));
+        };
+        if *write_only {
+            return Err(fail(Reason::ShortHeader));
+        }
+        let take = (seg.len as usize).min(header_bytes.len() - got);
+        mem.read_slice(&mut header_bytes[got..got + take], seg.addr)
+            .map_err(|_| fail(Reason::ShortHeader))?;
+        got += take;
+        seg.addr = GuestAddress(seg.addr.0 + take as u64);
+        seg.len -= take as u32;
+        if seg.len == 0 {
+            idx += 1;
+        }
+    }
+    let header = RequestHeader::from_slice(&header_bytes)
+        .copied()
+        .unwrap_or_default();
+    let data: SmallVec<[(Segment, bool); 16]> = segs[idx..]
+        .iter()
+        .copied()
+        .filter(|(s, _)| s.len > 0)
+        .collect();
+    if data.len() > MAX_DATA_SEGMENTS {
+        return Err(fail(Reason::TooManySegments));
+    }
+    let data_len: u64 = data.iter().map(|(s, _)| u64::from(s.len)).sum();
+    let all_writable = data.iter().all(|(_, w)| *w);
+    let all_readable = data.iter().all(|(_, w)| !*w);
+    let sector = header.sector.to_native();
+    let type_ = header.type_.to_native();
+    let capacity_sectors = limits.capacity / SECTOR_SIZE;
+    let check_range = |first: u64, sectors: u64| {
+        let end = first.checked_add(sectors);
+        match end {
+            Some(end) if end <= capacity_sectors => Ok(()),
+            _ => Err(fail(Reason::PastEnd {
+                first,
+                end: end.unwrap_or(u64::MAX),
+                capacity_sectors,
+            })),
+        }
+    };
+    let plain = |s: &SmallVec<[(Segment, bool); 16]>| s.iter().map(|(s, _)| *s).collect();
+
+    let (kind, offset, len, data) = match type_ {
+        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
+            let is_in = type_ == VIRTIO_BLK_T_IN;
+            if is_in && !all_writable {
+                return Err(fail(Reason::WrongDirection("read")));
+            }
+            if !is_in && !all_readable {
+                return Err(fail(Reason::WrongDirection("write")));
+            }
+            if !is_in && limits.read_only {
+                return Err(fail(Reason::ReadOnly));
+            }
+            if data_len % SECTOR_SIZE != 0 {
+                return Err(fail(Reason::Unaligned(data_len)));
+            }
+            check_range(sector, data_len / SECTOR_SIZE)?;
+            let kind = if is_in {
+                RequestKind::In
+            } else {
+                RequestKind::Out
+            };
+            (kind, sector * SECTOR_SIZE, data_len, plain(&data))
+        }
+        VIRTIO_BLK_T_FLUSH => {
+            if !limits.flush {
+                return Err(fail(Reason::Disabled("flush")));
+            }
+            (RequestKind::Flush, 0, 0, SmallVec::new())
+        }
+        VIRTIO_BLK_T_GET_ID => {
+            if !all_writable {
+                return Err(fail(Reason::WrongDirection("get-id")));
+            }
+            (RequestKind::GetId, 0, 0, plain(&data))
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            let discard = type_ == VIRTIO_BLK_T_DISCARD;
+            if discard && !limits.discard {
+                return Err(fail(Reason::Disabled("discard")));
+            }
+            if !discard && !limits.write_zeroes {
+                return Err(fail(Reason::Disabled("write-zeroes")));
+            }
+            if limits.read_only {
+                return Err(fail(Reason::ReadOnly));
+            }
+            if !all_readable {
+                return Err(fail(Reason::WrongDirection("discard/write-zeroes")));
+            }
+            let seg_size = std::mem::size_of::<DiscardSegment>() as u64;
+            if data_len != seg_size * u64::from(MAX_DISCARD_SEGMENTS) {
+                return Err(fail(Reason::BadSegments(data_len)));
+            }
+            let mut raw = [0u8; std::mem::size_of::<DiscardSegment>()];
+            let mut got = 0usize;
+            for (s, _) in &data {
+                let take = (s.len as usize).min(raw.len() - got);
+                mem.read_slice(&mut raw[got..got + take], s.addr)
+                    .map_err(|_| fail(Reason::BadSegments(data_len)))?;
+                got += take;
+            }
+            let seg = DiscardSegment::from_slice(&raw).copied().unwrap_or_default();
+            let flags = seg.flags.to_native();
+            let known = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
+            if flags & !known != 0 {
+                return Err(fail(Reason::BadFlags(flags)));
+            }
+            let first = seg.sector.to_native();
+            let sectors = u64::from(seg.num_sectors.to_native());
+            check_range(first, sectors)?;
+            let kind = if discard {
+                RequestKind::Discard
+            } else {
+                RequestKind::WriteZeroes {
+                    unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
+                }
+            };
+            (kind, first * SECTOR_SIZE, sectors * SECTOR_SIZE, SmallVec::new())
+        }
+        other => return Err(fail(Reason::Unsupported(other))),
+    };
+    Ok(Request {
+        kind,
+        offset,
+        len,
+        data,
+        status,
+    })
+}
+
+#[cfg(test)]
+mod tests;

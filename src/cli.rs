@@ -1,0 +1,178 @@
+//! Command line (clap derive), turned into checked configurations before anything starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use backends::blk::BlkConfig;
+use clap::{Parser, Subcommand};
+use mirror::{MirrorConfig, ReadPolicy};
+use transport::{LegSpec, OpenOptions};
+
+/// Mirrored vhost-user devices: every write goes down two independent paths, and losing one is
+/// invisible to the guest.
+#[derive(Debug, Parser)]
+#[command(name = "vhost-mirror", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve a mirrored virtio-blk disk on a vhost-user socket.
+    Blk(BlkArgs),
+    /// Talk to a running daemon's control socket.
+    Ctl(CtlArgs),
+}
+
+/// `vhost-mirror blk`.
+#[derive(Debug, Parser)]
+pub struct BlkArgs {
+    /// vhost-user socket to listen on (QEMU: -chardev socket,path=...).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// A leg: file:PATH, nbd://HOST[:PORT][/EXPORT], nbd+unix:///EXPORT?socket=PATH or null:SIZE.
+    /// Give it once per leg (two for a mirror).
+    #[arg(long = "leg", value_name = "SPEC", required = true)]
+    pub legs: Vec<LegSpec>,
+
+    /// JSON control socket (status, fail-leg).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+
+    /// A leg that does not answer a request within this many milliseconds is ejected.
+    #[arg(long, value_name = "MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub io_timeout: u64,
+
+    /// Give up connecting to a remote leg after this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    pub connect_timeout: u64,
+
+    /// Number of virtqueues (one worker thread each).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub num_queues: u16,
+
+    /// Largest virtqueue the device accepts.
+    #[arg(long, value_name = "N", default_value_t = 1024,
+          value_parser = clap::value_parser!(u16).range(1..=32768))]
+    pub queue_size: u16,
+
+    /// Present the disk read-only to the guest.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    #[arg(long, value_name = "ID", default_value = "vhost-mirror", value_parser = parse_serial)]
+    pub serial: String,
+
+    /// Which leg serves reads: primary, round-robin or least-outstanding.
+    #[arg(long, value_name = "POLICY", default_value = "least-outstanding")]
+    pub read_policy: ReadPolicy,
+
+    /// Accept legs of different sizes and present the smallest.
+    #[arg(long)]
+    pub allow_size_mismatch: bool,
+}
+
+fn parse_serial(s: &str) -> Result<String, String> {
+    if s.len() > 20 {
+        Err(format!("'{s}' is {} bytes; a virtio-blk serial holds at most 20", s.len()))
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+impl BlkArgs {
+    /// The mirror's configuration.
+    pub fn mirror_config(&self) -> MirrorConfig {
+        MirrorConfig {
+            io_timeout: Duration::from_millis(self.io_timeout),
+            read_policy: self.read_policy,
+            allow_size_mismatch: self.allow_size_mismatch,
+            open: OpenOptions {
+                connect_timeout: Duration::from_millis(self.connect_timeout),
+                read_only: self.readonly,
+            },
+        }
+    }
+
+    /// The device's configuration.
+    pub fn blk_config(&self) -> BlkConfig {
+        BlkConfig {
+            num_queues: self.num_queues.into(),
+            queue_size: self.queue_size.into(),
+            read_only: self.readonly,
+            serial: self.serial.clone(),
+        }
+    }
+}
+
+/// `vhost-mirror ctl`.
+#[derive(Debug, Parser)]
+pub struct CtlArgs {
+    /// The daemon's control socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+
+    /// Print the daemon's raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// Show every leg's state and counters.
+    Status,
+    /// Eject a leg (fault drills): its writes stop and reads move to the other legs.
+    FailLeg {
+        /// Leg index as listed by `status` (0 is the first --leg).
+        leg: usize,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(args).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn blk_arguments_become_configs() {
+        let cli = parse(&[
+            "vhost-mirror", "blk", "--socket", "/tmp/s", "--leg", "null:1M", "--leg",
+            "nbd://h:1/e", "--io-timeout", "250", "--num-queues", "2", "--serial", "abc",
+        ])
+        .unwrap();
+        let Command::Blk(a) = cli.command else { panic!("not blk") };
+        assert_eq!(a.legs.len(), 2);
+        assert_eq!(a.mirror_config().io_timeout, Duration::from_millis(250));
+        assert_eq!(a.blk_config().num_queues, 2);
+        assert_eq!(a.blk_config().serial, "abc");
+    }
+
+    #[test]
+    fn bad_arguments_name_the_problem() {
+        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "disk.img"]).unwrap_err();
+        assert!(e.contains("invalid leg 'disk.img'"), "{e}");
+        let e = parse(&["vhost-mirror", "blk", "--socket", "/s"]).unwrap_err();
+        assert!(e.contains("--leg"), "{e}");
+        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "null:1M", "--io-timeout", "0"])
+            .unwrap_err();
+        assert!(e.contains("--io-timeout"), "{e}");
+        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "null:1M", "--serial", "123456789012345678901"])
+            .unwrap_err();
+        assert!(e.contains("at most 20"), "{e}");
+        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "null:1M", "--read-policy", "best"])
+            .unwrap_err();
+        assert!(e.contains("unknown read policy 'best'"), "{e}");
+    }
+}

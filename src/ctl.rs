@@ -1,0 +1,102 @@
+//! `vhost-mirror ctl`: the control socket's client for people and scripts.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::cli::{CtlArgs, CtlCommand};
+
+/// Why `ctl` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CtlError {
+    #[error("cannot reach the control socket {path}: {source} (is the daemon running with --control?)")]
+    Connect {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("control socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("daemon answered with something that is not JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("daemon refused: {0}")]
+    Refused(String),
+}
+
+/// Sends one request and returns the answer.
+pub fn request(path: &std::path::Path, req: &Value) -> Result<Value, CtlError> {
+    let stream = UnixStream::connect(path).map_err(|source| CtlError::Connect {
+        path: path.display().to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut w = stream.try_clone()?;
+    writeln!(w, "{req}")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(&line)?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        return Err(CtlError::Refused(e.to_string()));
+    }
+    Ok(v)
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Renders a status answer for people.
+pub fn render_status(v: &Value) -> String {
+    let mut out = String::new();
+    let cap = v.get("capacity").and_then(Value::as_u64).unwrap_or(0);
+    let inflight = v.get("inflight").and_then(Value::as_u64).unwrap_or(0);
+    out.push_str(&format!("disk: {} ({cap} bytes), {inflight} requests in flight\n", human_bytes(cap)));
+    for leg in v.get("legs").and_then(Value::as_array).into_iter().flatten() {
+        let s = |k: &str| leg.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let n = |k: &str| leg.get(k).and_then(Value::as_u64).unwrap_or(0);
+        out.push_str(&format!(
+            "leg {} {:<9} {}\n    in flight {}, ops {}, errors {}, read {}, written {}\n",
+            n("index"),
+            s("state"),
+            s("uri"),
+            n("inflight"),
+            n("ops"),
+            n("errors"),
+            human_bytes(n("bytes_read")),
+            human_bytes(n("bytes_written")),
+        ));
+        if let Some(e) = leg.get("last_error").and_then(Value::as_str) {
+            out.push_str(&format!("    last error: {e}\n"));
+        }
+    }
+    out
+}
+
+/// Runs `vhost-mirror ctl`.
+pub fn run(args: &CtlArgs) -> Result<(), CtlError> {
+    let req = match &args.command {
+        CtlCommand::Status => json!({ "cmd": "status" }),
+        CtlCommand::FailLeg { leg } => json!({ "cmd": "fail-leg", "leg": leg }),
+    };
+    let v = request(&args.control, &req)?;
+    if args.json {
+        println!("{v}");
+    } else if matches!(args.command, CtlCommand::Status) {
+        print!("{}", render_status(&v));
+    } else {
+        println!("ok");
+    }
+    Ok(())
+}

@@ -1,0 +1,370 @@
+//! Real peers for the end-to-end tests: the `vhost-mirror` binary, nbdkit servers as legs, and
+//! libblkio's virtio-blk-vhost-user driver as the client.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use serde_json::Value;
+
+/// A scratch directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("vhm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self, f: &str) -> PathBuf {
+        self.0.join(f)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a pid we spawned and have not reaped; no memory is involved.
+    unsafe { libc::kill(child.id() as i32, sig) };
+}
+
+/// A sparse image file of `size` bytes.
+pub fn image(path: &Path, size: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(size).unwrap();
+}
+
+/// An nbdkit server exporting a file over a unix socket.
+pub struct Nbdkit {
+    pub child: Child,
+    pub socket: PathBuf,
+}
+
+impl Nbdkit {
+    /// `nbdkit [filters] file FILE [params]` on `socket`.
+    pub fn start(socket: &Path, file: &Path, filters: &[&str], params: &[&str]) -> Nbdkit {
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["--exit-with-parent", "-f", "-U"]).arg(socket);
+        for f in filters {
+            cmd.arg(format!("--filter={f}"));
+        }
+        cmd.arg("file").arg(format!("file={}", file.display())).args(params);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd
+            .spawn()
+            .expect("nbdkit not installed: run scripts/test (it installs nbdkit)");
+        let s = socket.to_path_buf();
+        wait_for("nbdkit socket", Duration::from_secs(10), || {
+            UnixStream::connect(&s).is_ok()
+        });
+        Nbdkit {
+            child,
+            socket: socket.to_path_buf(),
+        }
+    }
+
+    pub fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nbdkit {
+    fn drop(&mut self) {
+        signal(&self.child, libc::SIGCONT);
+        self.kill();
+    }
+}
+
+/// The `vhost-mirror blk` daemon.
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start(dir: &TempDir, legs: &[String], extra: &[&str]) -> Daemon {
+        let socket = dir.path("vhost.sock");
+        let control = dir.path("control.sock");
+        let log = dir.path("daemon.log");
+        let _ = std::fs::remove_file(&socket);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-mirror"));
+        cmd.arg("blk").arg("--socket").arg(&socket).arg("--control").arg(&control);
+        for l in legs {
+            cmd.arg("--leg").arg(l);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut child = cmd.spawn().unwrap();
+        let s = socket.clone();
+        let t0 = Instant::now();
+        while !s.exists() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!("daemon exited with {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            assert!(t0.elapsed() < Duration::from_secs(20), "daemon socket never appeared");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Daemon { child, socket, control, log }
+    }
+
+    pub fn status(&self) -> Value {
+        ctl(&self.control, r#"{"cmd":"status"}"#)
+    }
+
+    pub fn leg_state(&self, i: usize) -> String {
+        self.status()["legs"][i]["state"].as_str().unwrap().to_string()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One request/answer on a control socket.
+pub fn ctl(control: &Path, req: &str) -> Value {
+    let s = UnixStream::connect(control).expect("control socket");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    writeln!(w, "{req}").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+/// Bytes of buffer per request slot in the client's shared memory.
+pub const SLOT: usize = 64 * 1024;
+
+/// A libblkio virtio-blk-vhost-user client with `slots` request buffers.
+pub struct Client {
+    pub blkio: Blkio,
+    pub q: Blkioq,
+    pub region: MemoryRegion,
+    pub capacity: u64,
+    pub slots: usize,
+}
+
+impl Client {
+    pub fn connect(socket: &Path, slots: usize) -> Client {
+        let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+        blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+        blkio.connect().expect("libblkio connect");
+        blkio.set_i32("num-queues", 1).unwrap();
+        let mut started = blkio.start().expect("libblkio start");
+        let q = started.queues.remove(0);
+        let region = blkio.alloc_mem_region(slots * SLOT).unwrap();
+        blkio.map_mem_region(&region).unwrap();
+        let capacity = blkio.get_u64("capacity").unwrap();
+        Client { blkio, q, region, capacity, slots }
+    }
+
+    pub fn buf(&self, slot: usize) -> *mut u8 {
+        assert!(slot < self.slots);
+        (self.region.addr + slot * SLOT) as *mut u8
+    }
+
+    pub fn slice(&mut self, slot: usize, len: usize) -> &mut [u8] {
+        assert!(len <= SLOT);
+        // SAFETY: slot buffers lie inside the mapped region, which lives as long as the client;
+        // callers use a slot only while no request on it is in flight.
+        unsafe { std::slice::from_raw_parts_mut(self.buf(slot), len) }
+    }
+
+    /// Waits for at least `min` completions; returns (user_data, ret) pairs.
+    pub fn reap(&mut self, min: usize, limit: Duration) -> Vec<(usize, i32)> {
+        let mut comps: Vec<_> = (0..64)
+            .map(|_| std::mem::MaybeUninit::<blkio::Completion>::uninit())
+            .collect();
+        let mut t = limit;
+        let n = self.q.do_io(&mut comps, min, Some(&mut t), None).expect("do_io");
+        comps[..n]
+            .iter()
+            .map(|c| {
+                // SAFETY: do_io initialised the first n entries.
+                let c = unsafe { c.assume_init_ref() };
+                (c.user_data, c.ret)
+            })
+            .collect()
+    }
+
+    fn wait_one(&mut self) -> i32 {
+        let r = self.reap(1, Duration::from_secs(30));
+        assert_eq!(r.len(), 1, "request did not complete within 30 s");
+        r[0].1
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> i32 {
+        self.slice(0, data.len()).copy_from_slice(data);
+        self.q.write(offset, self.buf(0), data.len(), 0, ReqFlags::empty());
+        self.wait_one()
+    }
+
+    pub fn read(&mut self, offset: u64, len: usize) -> Result<Vec<u8>, i32> {
+        self.q.read(offset, self.buf(0), len, 0, ReqFlags::empty());
+        match self.wait_one() {
+            0 => Ok(self.slice(0, len).to_vec()),
+            e => Err(e),
+        }
+    }
+
+    pub fn flush(&mut self) -> i32 {
+        self.q.flush(0, ReqFlags::empty());
+        self.wait_one()
+    }
+
+    pub fn discard(&mut self, offset: u64, len: u64) -> i32 {
+        self.q.discard(offset, len, 0, ReqFlags::empty());
+        self.wait_one()
+    }
+
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> i32 {
+        self.q.write_zeroes(offset, len, 0, ReqFlags::empty());
+        self.wait_one()
+    }
+}
+
+/// A 4 KiB block stamped with its index and a sequence number, so a stale or torn block is
+/// recognisable on read-back.
+pub fn stamp(block: u64, seq: u64) -> [u8; 4096] {
+    let mut b = [0u8; 4096];
+    for (i, chunk) in b.chunks_mut(16).enumerate() {
+        chunk[..8].copy_from_slice(&block.to_le_bytes());
+        chunk[8..].copy_from_slice(&(seq ^ (i as u64) << 48).to_le_bytes());
+    }
+    b
+}
+
+/// What a stamped random-write workload saw.
+pub struct WorkloadReport {
+    pub writes_ok: u64,
+    pub errors: u64,
+    pub max_gap: Duration,
+    /// Last acknowledged sequence number per block (0 = never written).
+    pub acked: Vec<u64>,
+}
+
+/// Writes stamped 4 KiB blocks at random over the first `blocks` blocks at queue depth `qd` for
+/// `dur`, never two writes to one block at once. `during` runs once per loop with the elapsed time.
+pub fn stamped_workload(
+    c: &mut Client,
+    blocks: u64,
+    qd: usize,
+    dur: Duration,
+    mut during: impl FnMut(Duration),
+) -> WorkloadReport {
+    assert!(qd <= c.slots);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut acked = vec![0u64; blocks as usize];
+    let mut busy = vec![false; blocks as usize];
+    let mut slot_req: Vec<Option<(u64, u64)>> = vec![None; qd];
+    let mut seq = 0u64;
+    let mut rep = WorkloadReport { writes_ok: 0, errors: 0, max_gap: Duration::ZERO, acked: Vec::new() };
+    let t0 = Instant::now();
+    let mut last = Instant::now();
+    let mut inflight = 0usize;
+    loop {
+        let elapsed = t0.elapsed();
+        during(elapsed);
+        let submitting = elapsed < dur;
+        if submitting {
+            for slot in 0..qd {
+                if slot_req[slot].is_some() {
+                    continue;
+                }
+                let block = loop {
+                    let b = next() % blocks;
+                    if !busy[b as usize] {
+                        break b;
+                    }
+                };
+                seq += 1;
+                busy[block as usize] = true;
+                slot_req[slot] = Some((block, seq));
+                let data = stamp(block, seq);
+                c.slice(slot, 4096).copy_from_slice(&data);
+                c.q.write(block * 4096, c.buf(slot), 4096, slot, ReqFlags::empty());
+                inflight += 1;
+            }
+        } else if inflight == 0 {
+            break;
+        }
+        for (slot, ret) in c.reap(1, Duration::from_secs(30)) {
+            let now = Instant::now();
+            rep.max_gap = rep.max_gap.max(now - last);
+            last = now;
+            let (block, s) = slot_req[slot].take().expect("completion for idle slot");
+            busy[block as usize] = false;
+            inflight -= 1;
+            if ret == 0 {
+                rep.writes_ok += 1;
+                acked[block as usize] = s;
+            } else {
+                rep.errors += 1;
+            }
+        }
+    }
+    rep.acked = acked;
+    rep
+}
+
+/// Reads back every acknowledged block; returns how many differ from their last acknowledged stamp.
+pub fn verify_acked(c: &mut Client, acked: &[u64]) -> usize {
+    let mut bad = 0;
+    for (block, &seq) in acked.iter().enumerate() {
+        if seq == 0 {
+            continue;
+        }
+        let got = c.read(block as u64 * 4096, 4096).expect("read-back failed");
+        if got[..] != stamp(block as u64, seq)[..] {
+            bad += 1;
+        }
+    }
+    bad
+}
