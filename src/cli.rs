@@ -80,7 +80,10 @@ pub struct BlkArgs {
 
 fn parse_serial(s: &str) -> Result<String, String> {
     if s.len() > 20 {
-        Err(format!("'{s}' is {} bytes; a virtio-blk serial holds at most 20", s.len()))
+        Err(format!(
+            "'{s}' is {} bytes; a virtio-blk serial holds at most 20",
+            s.len()
+        ))
     } else {
         Ok(s.to_string())
     }
@@ -148,11 +151,25 @@ mod tests {
     #[test]
     fn blk_arguments_become_configs() {
         let cli = parse(&[
-            "vhost-mirror", "blk", "--socket", "/tmp/s", "--leg", "null:1M", "--leg",
-            "nbd://h:1/e", "--io-timeout", "250", "--num-queues", "2", "--serial", "abc",
+            "vhost-mirror",
+            "blk",
+            "--socket",
+            "/tmp/s",
+            "--leg",
+            "null:1M",
+            "--leg",
+            "nbd://h:1/e",
+            "--io-timeout",
+            "250",
+            "--num-queues",
+            "2",
+            "--serial",
+            "abc",
         ])
         .unwrap();
-        let Command::Blk(a) = cli.command else { panic!("not blk") };
+        let Command::Blk(a) = cli.command else {
+            panic!("not blk")
+        };
         assert_eq!(a.legs.len(), 2);
         assert_eq!(a.mirror_config().io_timeout, Duration::from_millis(250));
         assert_eq!(a.blk_config().num_queues, 2);
@@ -165,14 +182,41 @@ mod tests {
         assert!(e.contains("invalid leg 'disk.img'"), "{e}");
         let e = parse(&["vhost-mirror", "blk", "--socket", "/s"]).unwrap_err();
         assert!(e.contains("--leg"), "{e}");
-        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "null:1M", "--io-timeout", "0"])
-            .unwrap_err();
+        let e = parse(&[
+            "vhost-mirror",
+            "blk",
+            "--socket",
+            "/s",
+            "--leg",
+            "null:1M",
+            "--io-timeout",
+            "0",
+        ])
+        .unwrap_err();
         assert!(e.contains("--io-timeout"), "{e}");
-        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "null:1M", "--serial", "123456789012345678901"])
-            .unwrap_err();
+        let e = parse(&[
+            "vhost-mirror",
+            "blk",
+            "--socket",
+            "/s",
+            "--leg",
+            "null:1M",
+            "--serial",
+            "123456789012345678901",
+        ])
+        .unwrap_err();
         assert!(e.contains("at most 20"), "{e}");
-        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "null:1M", "--read-policy", "best"])
-            .unwrap_err();
+        let e = parse(&[
+            "vhost-mirror",
+            "blk",
+            "--socket",
+            "/s",
+            "--leg",
+            "null:1M",
+            "--read-policy",
+            "best",
+        ])
+        .unwrap_err();
         assert!(e.contains("unknown read policy 'best'"), "{e}");
     }
 }

@@ -41,11 +41,16 @@ pub fn answer(target: &dyn Controlled, line: &str) -> Value {
 }
 
 fn serve_client(stream: UnixStream, target: Arc<dyn Controlled>) {
-    let Ok(mut out) = stream.try_clone() else { return };
+    let Ok(mut out) = stream.try_clone() else {
+        return;
+    };
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
-        match Read::by_ref(&mut reader).take(MAX_LINE).read_line(&mut line) {
+        match Read::by_ref(&mut reader)
+            .take(MAX_LINE)
+            .read_line(&mut line)
+        {
             Ok(0) | Err(_) => return,
             Ok(_) => {}
         }

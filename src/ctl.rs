@@ -11,7 +11,9 @@ use crate::cli::{CtlArgs, CtlCommand};
 /// Why `ctl` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CtlError {
-    #[error("cannot reach the control socket {path}: {source} (is the daemon running with --control?)")]
+    #[error(
+        "cannot reach the control socket {path}: {source} (is the daemon running with --control?)"
+    )]
     Connect {
         path: String,
         source: std::io::Error,
@@ -62,9 +64,22 @@ pub fn render_status(v: &Value) -> String {
     let mut out = String::new();
     let cap = v.get("capacity").and_then(Value::as_u64).unwrap_or(0);
     let inflight = v.get("inflight").and_then(Value::as_u64).unwrap_or(0);
-    out.push_str(&format!("disk: {} ({cap} bytes), {inflight} requests in flight\n", human_bytes(cap)));
-    for leg in v.get("legs").and_then(Value::as_array).into_iter().flatten() {
-        let s = |k: &str| leg.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+    out.push_str(&format!(
+        "disk: {} ({cap} bytes), {inflight} requests in flight\n",
+        human_bytes(cap)
+    ));
+    for leg in v
+        .get("legs")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| {
+            leg.get(k)
+                .and_then(Value::as_str)
+                .unwrap_or("-")
+                .to_string()
+        };
         let n = |k: &str| leg.get(k).and_then(Value::as_u64).unwrap_or(0);
         out.push_str(&format!(
             "leg {} {:<9} {}\n    in flight {}, ops {}, errors {}, read {}, written {}\n",

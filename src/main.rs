@@ -43,8 +43,13 @@ fn run_blk(args: &BlkArgs) -> Result<(), String> {
         control::spawn(path, Arc::new(BlkControl(mirror.clone())))
             .map_err(|e| format!("cannot open control socket {}: {e}", path.display()))?;
     }
-    blk::serve(&args.socket, mirror, blk_cfg, Arc::new(AtomicBool::new(false)))
-        .map_err(|e| e.to_string())
+    blk::serve(
+        &args.socket,
+        mirror,
+        blk_cfg,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {

@@ -304,7 +304,11 @@ impl<C: Send + 'static> BlockMirror<C> {
                 handle.info().flush,
                 handle.info().discard,
                 handle.info().write_zeroes,
-                if handle.info().read_only { ", read-only" } else { "" }
+                if handle.info().read_only {
+                    ", read-only"
+                } else {
+                    ""
+                }
             );
             sinks.push(sink);
             legs.push(Leg {
@@ -333,7 +337,8 @@ impl<C: Send + 'static> BlockMirror<C> {
             let _ = sink.mirror.set(Arc::downgrade(&inner));
         }
         let weak = Arc::downgrade(&inner);
-        let tick = (inner.cfg.io_timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let tick =
+            (inner.cfg.io_timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         thread::Builder::new()
             .name("mirror-watchdog".into())
             .spawn(move || watchdog(weak, tick))
@@ -517,10 +522,12 @@ impl<C: Send + 'static> Inner<C> {
                     e.ok |= bit(leg);
                     match &e.op {
                         LegOp::Read { bufs, .. } => {
-                            l.bytes_read.fetch_add(bufs.total_len() as u64, Ordering::Relaxed);
+                            l.bytes_read
+                                .fetch_add(bufs.total_len() as u64, Ordering::Relaxed);
                         }
                         LegOp::Write { bufs, .. } => {
-                            l.bytes_written.fetch_add(bufs.total_len() as u64, Ordering::Relaxed);
+                            l.bytes_written
+                                .fetch_add(bufs.total_len() as u64, Ordering::Relaxed);
                         }
                         _ => {}
                     }
@@ -546,7 +553,13 @@ impl<C: Send + 'static> Inner<C> {
                     e.outstanding |= bit(next);
                     e.waiting |= bit(next);
                     e.sent_at = Instant::now();
-                    resend.push((next, LegRequest { tag, op: e.op.clone() }));
+                    resend.push((
+                        next,
+                        LegRequest {
+                            tag,
+                            op: e.op.clone(),
+                        },
+                    ));
                 }
             }
             Self::settle(&mut reqs, tag as usize, &mut done);
@@ -603,8 +616,7 @@ impl<C: Send + 'static> Inner<C> {
         done: &mut Done<C>,
     ) -> bool {
         let l = &self.legs[leg];
-        if l
-            .state
+        if l.state
             .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
             .is_err()
         {
@@ -664,7 +676,10 @@ impl<C: Send + 'static> Inner<C> {
             } else if late & bit(i) != 0 {
                 self.eject(
                     i,
-                    &format!("no answer within the I/O timeout of {} ms", timeout.as_millis()),
+                    &format!(
+                        "no answer within the I/O timeout of {} ms",
+                        timeout.as_millis()
+                    ),
                 );
             }
         }
@@ -674,7 +689,9 @@ impl<C: Send + 'static> Inner<C> {
 fn watchdog<C: Send + 'static>(mirror: Weak<Inner<C>>, tick: Duration) {
     loop {
         thread::sleep(tick);
-        let Some(inner) = mirror.upgrade() else { return };
+        let Some(inner) = mirror.upgrade() else {
+            return;
+        };
         inner.check_legs();
     }
 }

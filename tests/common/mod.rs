@@ -35,7 +35,10 @@ impl Drop for TempDir {
 pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !ok() {
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -66,7 +69,9 @@ impl Nbdkit {
         for f in filters {
             cmd.arg(format!("--filter={f}"));
         }
-        cmd.arg("file").arg(format!("file={}", file.display())).args(params);
+        cmd.arg("file")
+            .arg(format!("file={}", file.display()))
+            .args(params);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd
             .spawn()
@@ -113,7 +118,11 @@ impl Daemon {
         let log = dir.path("daemon.log");
         let _ = std::fs::remove_file(&socket);
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-mirror"));
-        cmd.arg("blk").arg("--socket").arg(&socket).arg("--control").arg(&control);
+        cmd.arg("blk")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control);
         for l in legs {
             cmd.arg("--leg").arg(l);
         }
@@ -126,12 +135,23 @@ impl Daemon {
         let t0 = Instant::now();
         while !s.exists() {
             if let Ok(Some(st)) = child.try_wait() {
-                panic!("daemon exited with {st}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+                panic!(
+                    "daemon exited with {st}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
             }
-            assert!(t0.elapsed() < Duration::from_secs(20), "daemon socket never appeared");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon socket never appeared"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
-        Daemon { child, socket, control, log }
+        Daemon {
+            child,
+            socket,
+            control,
+            log,
+        }
     }
 
     pub fn status(&self) -> Value {
@@ -139,7 +159,10 @@ impl Daemon {
     }
 
     pub fn leg_state(&self, i: usize) -> String {
-        self.status()["legs"][i]["state"].as_str().unwrap().to_string()
+        self.status()["legs"][i]["state"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn log_text(&self) -> String {
@@ -196,7 +219,13 @@ impl Client {
         let region = blkio.alloc_mem_region(slots * SLOT).unwrap();
         blkio.map_mem_region(&region).unwrap();
         let capacity = blkio.get_u64("capacity").unwrap();
-        Client { blkio, q, region, capacity, slots }
+        Client {
+            blkio,
+            q,
+            region,
+            capacity,
+            slots,
+        }
     }
 
     pub fn buf(&self, slot: usize) -> *mut u8 {
@@ -217,7 +246,10 @@ impl Client {
             .map(|_| std::mem::MaybeUninit::<blkio::Completion>::uninit())
             .collect();
         let mut t = limit;
-        let n = self.q.do_io(&mut comps, min, Some(&mut t), None).expect("do_io");
+        let n = self
+            .q
+            .do_io(&mut comps, min, Some(&mut t), None)
+            .expect("do_io");
         comps[..n]
             .iter()
             .map(|c| {
@@ -236,7 +268,8 @@ impl Client {
 
     pub fn write(&mut self, offset: u64, data: &[u8]) -> i32 {
         self.slice(0, data.len()).copy_from_slice(data);
-        self.q.write(offset, self.buf(0), data.len(), 0, ReqFlags::empty());
+        self.q
+            .write(offset, self.buf(0), data.len(), 0, ReqFlags::empty());
         self.wait_one()
     }
 
@@ -305,7 +338,12 @@ pub fn stamped_workload(
     let mut busy = vec![false; blocks as usize];
     let mut slot_req: Vec<Option<(u64, u64)>> = vec![None; qd];
     let mut seq = 0u64;
-    let mut rep = WorkloadReport { writes_ok: 0, errors: 0, max_gap: Duration::ZERO, acked: Vec::new() };
+    let mut rep = WorkloadReport {
+        writes_ok: 0,
+        errors: 0,
+        max_gap: Duration::ZERO,
+        acked: Vec::new(),
+    };
     let t0 = Instant::now();
     let mut last = Instant::now();
     let mut inflight = 0usize;
@@ -367,4 +405,11 @@ pub fn verify_acked(c: &mut Client, acked: &[u64]) -> usize {
         }
     }
     bad
+}
+
+/// Serialises tests whose timing assertions (stall bounds) would suffer from sharing two cores
+/// with other heavy tests.
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -88,7 +88,11 @@ impl FromStr for LegSpec {
                 match (k, v) {
                     ("direct", "on" | "true" | "1") => direct = true,
                     ("direct", "off" | "false" | "0") => direct = false,
-                    _ => return Err(err(&format!("unknown option '{k}={v}' (known: direct=on|off)"))),
+                    _ => {
+                        return Err(err(&format!(
+                            "unknown option '{k}={v}' (known: direct=on|off)"
+                        )))
+                    }
                 }
             }
             return Ok(LegSpec::File {
@@ -121,7 +125,9 @@ impl FromStr for LegSpec {
                 return Err(err("missing host"));
             }
             let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
-                let (h, tail) = v6.split_once(']').ok_or_else(|| err("unterminated '[' in host"))?;
+                let (h, tail) = v6
+                    .split_once(']')
+                    .ok_or_else(|| err("unterminated '[' in host"))?;
                 let port = match tail.strip_prefix(':') {
                     Some(p) => p.parse().map_err(|_| err(&format!("bad port '{p}'")))?,
                     None if tail.is_empty() => NBD_DEFAULT_PORT,
@@ -191,38 +197,61 @@ mod tests {
     fn parses_all_schemes() {
         assert_eq!(
             "file:/tmp/a.img".parse::<LegSpec>().unwrap(),
-            LegSpec::File { path: "/tmp/a.img".into(), direct: true }
+            LegSpec::File {
+                path: "/tmp/a.img".into(),
+                direct: true
+            }
         );
         assert_eq!(
             "file:/tmp/a.img?direct=off".parse::<LegSpec>().unwrap(),
-            LegSpec::File { path: "/tmp/a.img".into(), direct: false }
+            LegSpec::File {
+                path: "/tmp/a.img".into(),
+                direct: false
+            }
         );
         assert_eq!(
             "nbd://127.0.0.1:10810/disk".parse::<LegSpec>().unwrap(),
             LegSpec::Nbd {
-                address: NbdAddress::Tcp { host: "127.0.0.1".into(), port: 10810 },
+                address: NbdAddress::Tcp {
+                    host: "127.0.0.1".into(),
+                    port: 10810
+                },
                 export: "disk".into()
             }
         );
         assert_eq!(
             "nbd://server".parse::<LegSpec>().unwrap(),
             LegSpec::Nbd {
-                address: NbdAddress::Tcp { host: "server".into(), port: 10809 },
+                address: NbdAddress::Tcp {
+                    host: "server".into(),
+                    port: 10809
+                },
                 export: String::new()
             }
         );
         assert_eq!(
             "nbd://[::1]:99/x".parse::<LegSpec>().unwrap(),
             LegSpec::Nbd {
-                address: NbdAddress::Tcp { host: "::1".into(), port: 99 },
+                address: NbdAddress::Tcp {
+                    host: "::1".into(),
+                    port: 99
+                },
                 export: "x".into()
             }
         );
         assert_eq!(
-            "nbd+unix:///e?socket=/run/a.sock".parse::<LegSpec>().unwrap(),
-            LegSpec::Nbd { address: NbdAddress::Unix("/run/a.sock".into()), export: "e".into() }
+            "nbd+unix:///e?socket=/run/a.sock"
+                .parse::<LegSpec>()
+                .unwrap(),
+            LegSpec::Nbd {
+                address: NbdAddress::Unix("/run/a.sock".into()),
+                export: "e".into()
+            }
         );
-        assert_eq!("null:1G".parse::<LegSpec>().unwrap(), LegSpec::Null { size: 1 << 30 });
+        assert_eq!(
+            "null:1G".parse::<LegSpec>().unwrap(),
+            LegSpec::Null { size: 1 << 30 }
+        );
     }
 
     #[test]

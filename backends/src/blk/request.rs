@@ -125,7 +125,9 @@ pub enum Reason {
         end: u64,
         capacity_sectors: u64,
     },
-    #[error("discard/write-zeroes payload of {0} bytes is not 1..={MAX_DISCARD_SEGMENTS} segments")]
+    #[error(
+        "discard/write-zeroes payload of {0} bytes is not 1..={MAX_DISCARD_SEGMENTS} segments"
+    )]
     BadSegments(u64),
     #[error("unknown discard/write-zeroes flags {0:#x}")]
     BadFlags(u32),
@@ -329,7 +331,9 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
                     .map_err(|_| fail(Reason::BadSegments(data_len)))?;
                 got += take;
             }
-            let seg = DiscardSegment::from_slice(&raw).copied().unwrap_or_default();
+            let seg = DiscardSegment::from_slice(&raw)
+                .copied()
+                .unwrap_or_default();
             let flags = seg.flags.to_native();
             let known = if discard { 0 } else { WRITE_ZEROES_FLAG_UNMAP };
             if flags & !known != 0 {
@@ -345,7 +349,12 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
                     unmap: flags & WRITE_ZEROES_FLAG_UNMAP != 0,
                 }
             };
-            (kind, first * SECTOR_SIZE, sectors * SECTOR_SIZE, SmallVec::new())
+            (
+                kind,
+                first * SECTOR_SIZE,
+                sectors * SECTOR_SIZE,
+                SmallVec::new(),
+            )
         }
         other => return Err(fail(Reason::Unsupported(other))),
     };

@@ -40,7 +40,8 @@ impl BlockLeg for ScriptedLeg {
     fn submit(&self, req: LegRequest) {
         self.seen.lock().unwrap().push(req.op.name());
         if !self.is_alive() {
-            self.sink.complete(req.tag, Err(LegError::Aborted("dead".into())));
+            self.sink
+                .complete(req.tag, Err(LegError::Aborted("dead".into())));
             return;
         }
         let mode = *self.mode.lock().unwrap();
@@ -50,7 +51,8 @@ impl BlockLeg for ScriptedLeg {
             Mode::Hold => self.held.lock().unwrap().push(req.tag),
             Mode::Lose => {
                 self.alive.store(false, Ordering::Release);
-                self.sink.complete(req.tag, Err(LegError::Lost("reset".into())));
+                self.sink
+                    .complete(req.tag, Err(LegError::Lost("reset".into())));
             }
         }
     }
@@ -166,7 +168,11 @@ fn failed_write_ejects_the_leg_and_succeeds_from_the_other() {
     let st = r.mirror.status();
     assert_eq!(st.legs[0].state, LegState::Failed);
     assert_eq!(st.legs[1].state, LegState::UpToDate);
-    assert!(st.legs[0].last_error.as_deref().unwrap().contains("ejected"));
+    assert!(st.legs[0]
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("ejected"));
     assert!(!r.legs[0].is_alive(), "an ejected leg is aborted");
     // Later writes no longer go to the ejected leg.
     r.mirror.submit(write_op(&mut buf), None, 6);
@@ -183,10 +189,20 @@ fn hung_leg_is_ejected_after_the_timeout() {
     r.mirror.submit(write_op(&mut buf), None, 9);
     assert_eq!(wait(&r), (9, IoStatus::Ok));
     let waited = t0.elapsed();
-    assert!(waited >= Duration::from_millis(100), "ejected too early: {waited:?}");
-    assert!(waited < Duration::from_millis(1000), "ejected too late: {waited:?}");
+    assert!(
+        waited >= Duration::from_millis(100),
+        "ejected too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_millis(1000),
+        "ejected too late: {waited:?}"
+    );
     assert_eq!(r.mirror.status().legs[1].state, LegState::Failed);
-    assert_eq!(r.mirror.inflight(), 0, "the abort released the held request");
+    assert_eq!(
+        r.mirror.inflight(),
+        0,
+        "the abort released the held request"
+    );
 }
 
 #[test]
@@ -258,7 +274,10 @@ fn dead_idle_leg_is_noticed_without_traffic() {
     r.legs[1].alive.store(false, Ordering::Release);
     let t0 = Instant::now();
     while r.mirror.status().legs[1].state != LegState::Failed {
-        assert!(t0.elapsed() < Duration::from_secs(2), "dead leg never ejected");
+        assert!(
+            t0.elapsed() < Duration::from_secs(2),
+            "dead leg never ejected"
+        );
         thread::sleep(Duration::from_millis(5));
     }
     assert_eq!(
@@ -273,11 +292,17 @@ fn legs_of_different_sizes_are_refused_unless_allowed() {
     let msg = e.to_string();
     assert!(msg.contains("mock:0 is 1048576 bytes"), "{msg}");
     assert!(msg.contains("--allow-size-mismatch"), "{msg}");
-    assert!(matches!(rig_sized(&[], 1000), Err(MirrorError::LegCount(0))));
+    assert!(matches!(
+        rig_sized(&[], 1000),
+        Err(MirrorError::LegCount(0))
+    ));
 }
 
 #[test]
 fn fail_leg_checks_the_index() {
     let r = rig(1000);
-    assert!(matches!(r.mirror.fail_leg(2), Err(MirrorError::NoSuchLeg(2, 1))));
+    assert!(matches!(
+        r.mirror.fail_leg(2),
+        Err(MirrorError::NoSuchLeg(2, 1))
+    ));
 }

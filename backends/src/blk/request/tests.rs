@@ -36,10 +36,16 @@ fn header(mem: &GuestMemoryMmap, at: u64, type_: u32, sector: u64) {
 }
 
 fn d(addr: u64, len: u32, flags: u16) -> RawDescriptor {
-    RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(addr, len, flags, 0))
+    RawDescriptor::from(virtio_queue::desc::split::Descriptor::new(
+        addr, len, flags, 0,
+    ))
 }
 
-fn parse_with(descs: &[RawDescriptor], m: &GuestMemoryMmap, l: &Limits) -> Result<Request, ParseError> {
+fn parse_with(
+    descs: &[RawDescriptor],
+    m: &GuestMemoryMmap,
+    l: &Limits,
+) -> Result<Request, ParseError> {
     let q = MockSplitQueue::new(m, 256);
     let chain = q.build_desc_chain(descs).unwrap();
     parse(chain, m, l)
@@ -66,17 +72,34 @@ fn read_request() {
     assert_eq!(r.kind, RequestKind::In);
     assert_eq!(r.offset, 8 * 512);
     assert_eq!(r.len, 4096);
-    assert_eq!(r.data.as_slice(), &[Segment { addr: GuestAddress(DATA), len: 4096 }]);
+    assert_eq!(
+        r.data.as_slice(),
+        &[Segment {
+            addr: GuestAddress(DATA),
+            len: 4096
+        }]
+    );
     assert_eq!(r.status, GuestAddress(STATUS));
     assert_eq!(r.used_len(), 4097);
 }
 
 #[test]
 fn write_with_header_and_data_in_one_descriptor() {
-    let r = run(VIRTIO_BLK_T_OUT, 0, &[d(HDR, 16 + 1024, 0), d(STATUS, 1, W)]).unwrap();
+    let r = run(
+        VIRTIO_BLK_T_OUT,
+        0,
+        &[d(HDR, 16 + 1024, 0), d(STATUS, 1, W)],
+    )
+    .unwrap();
     assert_eq!(r.kind, RequestKind::Out);
     assert_eq!(r.len, 1024);
-    assert_eq!(r.data[0], Segment { addr: GuestAddress(HDR + 16), len: 1024 });
+    assert_eq!(
+        r.data[0],
+        Segment {
+            addr: GuestAddress(HDR + 16),
+            len: 1024
+        }
+    );
     assert_eq!(r.used_len(), 1);
 }
 
@@ -110,9 +133,17 @@ fn descriptor_outside_guest_memory_is_refused_without_touching_it() {
 fn short_header() {
     let e = run(VIRTIO_BLK_T_IN, 0, &[d(HDR, 8, 0), d(STATUS, 1, W)]).unwrap_err();
     assert_eq!(e.reason, Reason::ShortHeader);
-    assert_eq!(e.status, Some(GuestAddress(STATUS)), "IOERR can still be reported");
     assert_eq!(
-        reason(run(VIRTIO_BLK_T_IN, 0, &[d(HDR, 8, 0), d(DATA, 8, W), d(STATUS, 1, W)])),
+        e.status,
+        Some(GuestAddress(STATUS)),
+        "IOERR can still be reported"
+    );
+    assert_eq!(
+        reason(run(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[d(HDR, 8, 0), d(DATA, 8, W), d(STATUS, 1, W)]
+        )),
         Reason::ShortHeader,
         "a header may not continue in a device-writable descriptor"
     );
@@ -121,12 +152,23 @@ fn short_header() {
 #[test]
 fn missing_or_read_only_status_byte() {
     assert_eq!(
-        reason(run(VIRTIO_BLK_T_IN, 0, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, 0)])),
+        reason(run(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, 0)]
+        )),
         Reason::NoStatus
     );
-    assert_eq!(reason(run(VIRTIO_BLK_T_FLUSH, 0, &[d(HDR, 16, 0)])), Reason::NoStatus);
     assert_eq!(
-        reason(run(VIRTIO_BLK_T_FLUSH, 0, &[d(HDR, 16, 0), d(STATUS, 0, W)])),
+        reason(run(VIRTIO_BLK_T_FLUSH, 0, &[d(HDR, 16, 0)])),
+        Reason::NoStatus
+    );
+    assert_eq!(
+        reason(run(
+            VIRTIO_BLK_T_FLUSH,
+            0,
+            &[d(HDR, 16, 0), d(STATUS, 0, W)]
+        )),
         Reason::NoStatus
     );
 }
@@ -134,13 +176,26 @@ fn missing_or_read_only_status_byte() {
 #[test]
 fn sectors_past_the_end() {
     let cap_sectors = (1u64 << 20) / 512;
-    assert!(run(VIRTIO_BLK_T_OUT, cap_sectors - 1, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]).is_ok());
+    assert!(run(
+        VIRTIO_BLK_T_OUT,
+        cap_sectors - 1,
+        &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]
+    )
+    .is_ok());
     assert!(matches!(
-        reason(run(VIRTIO_BLK_T_OUT, cap_sectors - 1, &[d(HDR, 16, 0), d(DATA, 1024, 0), d(STATUS, 1, W)])),
+        reason(run(
+            VIRTIO_BLK_T_OUT,
+            cap_sectors - 1,
+            &[d(HDR, 16, 0), d(DATA, 1024, 0), d(STATUS, 1, W)]
+        )),
         Reason::PastEnd { .. }
     ));
     assert!(matches!(
-        reason(run(VIRTIO_BLK_T_IN, u64::MAX, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)])),
+        reason(run(
+            VIRTIO_BLK_T_IN,
+            u64::MAX,
+            &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)]
+        )),
         Reason::PastEnd { .. }
     ));
 }
@@ -148,15 +203,27 @@ fn sectors_past_the_end() {
 #[test]
 fn unaligned_length_and_wrong_direction() {
     assert_eq!(
-        reason(run(VIRTIO_BLK_T_IN, 0, &[d(HDR, 16, 0), d(DATA, 100, W), d(STATUS, 1, W)])),
+        reason(run(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[d(HDR, 16, 0), d(DATA, 100, W), d(STATUS, 1, W)]
+        )),
         Reason::Unaligned(100)
     );
     assert_eq!(
-        reason(run(VIRTIO_BLK_T_IN, 0, &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)])),
+        reason(run(
+            VIRTIO_BLK_T_IN,
+            0,
+            &[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)]
+        )),
         Reason::WrongDirection("read")
     );
     assert_eq!(
-        reason(run(VIRTIO_BLK_T_OUT, 0, &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)])),
+        reason(run(
+            VIRTIO_BLK_T_OUT,
+            0,
+            &[d(HDR, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)]
+        )),
         Reason::WrongDirection("write")
     );
 }
@@ -172,7 +239,10 @@ fn unknown_type_is_unsupported() {
 fn writes_to_a_read_only_disk() {
     let m = mem();
     header(&m, HDR, VIRTIO_BLK_T_OUT, 0);
-    let ro = Limits { read_only: true, ..limits() };
+    let ro = Limits {
+        read_only: true,
+        ..limits()
+    };
     let e = parse_with(&[d(HDR, 16, 0), d(DATA, 512, 0), d(STATUS, 1, W)], &m, &ro).unwrap_err();
     assert_eq!(e.reason, Reason::ReadOnly);
     header(&m, HDR, VIRTIO_BLK_T_IN, 0);
@@ -197,28 +267,47 @@ fn discard_run(type_: u32, segs: &[(u64, u32, u32)], l: &Limits) -> Result<Reque
 #[test]
 fn discard_and_write_zeroes() {
     let r = discard_run(VIRTIO_BLK_T_DISCARD, &[(8, 16, 0)], &limits()).unwrap();
-    assert_eq!((r.kind, r.offset, r.len), (RequestKind::Discard, 4096, 8192));
+    assert_eq!(
+        (r.kind, r.offset, r.len),
+        (RequestKind::Discard, 4096, 8192)
+    );
     let r = discard_run(VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 1)], &limits()).unwrap();
     assert_eq!(r.kind, RequestKind::WriteZeroes { unmap: true });
     let e = discard_run(VIRTIO_BLK_T_DISCARD, &[(0, 8, 1)], &limits()).unwrap_err();
     assert_eq!(e.reason, Reason::BadFlags(1));
     assert!(e.is_unsupported());
     assert_eq!(
-        reason(discard_run(VIRTIO_BLK_T_DISCARD, &[(0, 8, 0), (16, 8, 0)], &limits())),
+        reason(discard_run(
+            VIRTIO_BLK_T_DISCARD,
+            &[(0, 8, 0), (16, 8, 0)],
+            &limits()
+        )),
         Reason::BadSegments(32)
     );
     assert!(matches!(
-        reason(discard_run(VIRTIO_BLK_T_WRITE_ZEROES, &[(u64::MAX - 1, 8, 0)], &limits())),
+        reason(discard_run(
+            VIRTIO_BLK_T_WRITE_ZEROES,
+            &[(u64::MAX - 1, 8, 0)],
+            &limits()
+        )),
         Reason::PastEnd { .. }
     ));
-    let off = Limits { discard: false, ..limits() };
+    let off = Limits {
+        discard: false,
+        ..limits()
+    };
     let e = discard_run(VIRTIO_BLK_T_DISCARD, &[(0, 8, 0)], &off).unwrap_err();
     assert!(e.is_unsupported());
 }
 
 #[test]
 fn get_id() {
-    let r = run(VIRTIO_BLK_T_GET_ID, 0, &[d(HDR, 16, 0), d(DATA, 20, W), d(STATUS, 1, W)]).unwrap();
+    let r = run(
+        VIRTIO_BLK_T_GET_ID,
+        0,
+        &[d(HDR, 16, 0), d(DATA, 20, W), d(STATUS, 1, W)],
+    )
+    .unwrap();
     assert_eq!(r.kind, RequestKind::GetId);
     assert_eq!(r.used_len(), 21);
 }
@@ -239,7 +328,11 @@ fn random_chains_never_panic() {
         let n = 1 + (next() % 5) as usize;
         let descs: Vec<RawDescriptor> = (0..n)
             .map(|i| {
-                let addr = if next() % 8 == 0 { next() } else { HDR + (i as u64) * 0x1000 + next() % 64 };
+                let addr = if next() % 8 == 0 {
+                    next()
+                } else {
+                    HDR + (i as u64) * 0x1000 + next() % 64
+                };
                 let len = (next() % 5000) as u32;
                 d(addr, len, if next() % 2 == 0 { W } else { 0 })
             })

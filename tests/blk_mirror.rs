@@ -1,0 +1,348 @@
+//! The mirrored disk end to end: the real `vhost-mirror` binary, two nbdkit servers as legs, and
+//! libblkio as the vhost-user-blk client. Each test injects a real fault on a real leg.
+
+mod common;
+use common::*;
+
+use std::time::Duration;
+
+const DISK: u64 = 64 << 20;
+
+struct Rig {
+    // Fields drop in order: the daemon before its legs, the lock last.
+    daemon: Daemon,
+    legs: Vec<Nbdkit>,
+    dir: TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Rig {
+    /// Two nbdkit legs over image files; leg `i` gets `filters[i]` and `params[i]`.
+    fn start(name: &str, filters: [&[&str]; 2], params: [&[&str]; 2], extra: &[&str]) -> Rig {
+        let serial = exclusive();
+        let dir = TempDir::new(name);
+        let mut legs = Vec::new();
+        for i in 0..2 {
+            let img = dir.path(&format!("leg{i}.img"));
+            image(&img, DISK);
+            legs.push(Nbdkit::start(
+                &dir.path(&format!("nbd{i}.sock")),
+                &img,
+                filters[i],
+                params[i],
+            ));
+        }
+        let uris: Vec<String> = legs.iter().map(|l| l.uri()).collect();
+        let daemon = Daemon::start(&dir, &uris, extra);
+        Rig {
+            daemon,
+            legs,
+            dir,
+            _serial: serial,
+        }
+    }
+
+    fn plain(name: &str, extra: &[&str]) -> Rig {
+        Rig::start(name, [&[], &[]], [&[], &[]], extra)
+    }
+
+    fn image(&self, i: usize) -> Vec<u8> {
+        std::fs::read(self.dir.path(&format!("leg{i}.img"))).unwrap()
+    }
+
+    fn wait_leg(&self, i: usize, state: &str, limit: Duration) {
+        wait_for(&format!("leg {i} {state}"), limit, || {
+            self.daemon.leg_state(i) == state
+        });
+    }
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
+        .collect()
+}
+
+#[test]
+fn data_reads_back_and_both_legs_are_identical() {
+    let mut r = Rig::plain("identical", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 8);
+    assert_eq!(c.capacity, DISK);
+    let writes: Vec<(u64, usize)> = vec![
+        (0, 4096),
+        (8192, 65536),
+        (1 << 20, 512),
+        (DISK - 4096, 4096),
+        (12345 * 512, 3072),
+    ];
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        assert_eq!(c.write(off, &pattern(i as u64, len)), 0, "write at {off}");
+    }
+    assert_eq!(c.flush(), 0);
+    for (i, &(off, len)) in writes.iter().enumerate() {
+        assert_eq!(
+            c.read(off, len).unwrap(),
+            pattern(i as u64, len),
+            "read-back at {off}"
+        );
+    }
+    // Discard and write-zeroes reach both legs too.
+    assert_eq!(c.write_zeroes(8192, 65536), 0);
+    assert_eq!(c.read(8192, 65536).unwrap(), vec![0; 65536]);
+    assert_eq!(c.discard(0, 4096), 0);
+    let st = r.daemon.status();
+    for leg in 0..2 {
+        assert_eq!(st["legs"][leg]["state"], "uptodate");
+        assert_eq!(st["legs"][leg]["errors"], 0);
+    }
+    assert!(st["legs"][0]["bytes_written"].as_u64().unwrap() >= 4096 + 65536 + 512 + 4096 + 3072);
+    drop(c);
+    r.daemon.stop();
+    let (a, b) = (r.image(0), r.image(1));
+    assert_eq!(a.len(), DISK as usize);
+    assert!(a == b, "leg images differ after a clean run");
+    assert_eq!(&a[(1 << 20)..(1 << 20) + 512], &pattern(2, 512)[..]);
+}
+
+/// The issue's acceptance run: stamped 4 KiB writes at QD16 for 10 s, one leg's server killed 3 s
+/// in: no error, no stall over 1 s, every acknowledged block reads back.
+#[test]
+fn leg_server_killed_during_random_writes() {
+    let mut r = Rig::plain("kill", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 16);
+    let mut killed = false;
+    let legs = &mut r.legs;
+    let rep = stamped_workload(&mut c, 4096, 16, Duration::from_secs(10), |t| {
+        if !killed && t >= Duration::from_secs(3) {
+            killed = true;
+            signal(&legs[1].child, libc::SIGKILL);
+        }
+    });
+    assert!(killed);
+    eprintln!(
+        "kill: {} writes acknowledged, {} errors, longest gap {:?}",
+        rep.writes_ok, rep.errors, rep.max_gap
+    );
+    assert_eq!(rep.errors, 0, "the client saw errors");
+    assert!(
+        rep.max_gap < Duration::from_secs(1),
+        "completions stalled for {:?}",
+        rep.max_gap
+    );
+    assert!(
+        rep.writes_ok > 1000,
+        "too little I/O to mean anything: {}",
+        rep.writes_ok
+    );
+    assert_eq!(
+        verify_acked(&mut c, &rep.acked),
+        0,
+        "acknowledged blocks lost"
+    );
+    let st = r.daemon.status();
+    assert_eq!(st["legs"][1]["state"], "failed");
+    assert_eq!(st["legs"][0]["state"], "uptodate");
+    assert!(st["legs"][1]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("ejected"));
+    assert!(
+        r.daemon.log_text().contains("ejected"),
+        "ejection not logged"
+    );
+}
+
+/// nbdkit's error filter switched on mid-run through its trigger file.
+#[test]
+fn erroring_leg_is_ejected_without_client_errors() {
+    let dir_probe = TempDir::new("errors-trigger");
+    let trigger = dir_probe.path("fail-now");
+    let trig_param = format!("error-file={}", trigger.display());
+    let r = Rig::start(
+        "errors",
+        [&[], &["error"]],
+        [&[], &["error-rate=100%", &trig_param]],
+        &[],
+    );
+    let mut c = Client::connect(&r.daemon.socket, 16);
+    let mut on = false;
+    let rep = stamped_workload(&mut c, 2048, 16, Duration::from_secs(4), |t| {
+        if !on && t >= Duration::from_secs(1) {
+            on = true;
+            std::fs::write(&trigger, b"").unwrap();
+        }
+    });
+    eprintln!(
+        "errors: {} writes, {} errors, gap {:?}",
+        rep.writes_ok, rep.errors, rep.max_gap
+    );
+    assert_eq!(rep.errors, 0);
+    assert_eq!(verify_acked(&mut c, &rep.acked), 0);
+    let st = r.daemon.status();
+    assert_eq!(st["legs"][1]["state"], "failed");
+    assert!(st["legs"][1]["errors"].as_u64().unwrap() >= 1);
+    assert!(
+        st["legs"][1]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("errno"),
+        "{st}"
+    );
+}
+
+/// A leg whose server stops answering (SIGSTOP) is ejected after --io-timeout.
+#[test]
+fn hung_leg_is_ejected_after_io_timeout() {
+    let r = Rig::plain("hang", &["--io-timeout", "500"]);
+    let mut c = Client::connect(&r.daemon.socket, 16);
+    let mut stopped = false;
+    let legs = &r.legs;
+    let rep = stamped_workload(&mut c, 2048, 16, Duration::from_secs(4), |t| {
+        if !stopped && t >= Duration::from_secs(1) {
+            stopped = true;
+            signal(&legs[0].child, libc::SIGSTOP);
+        }
+    });
+    eprintln!(
+        "hang: {} writes, {} errors, gap {:?}",
+        rep.writes_ok, rep.errors, rep.max_gap
+    );
+    assert_eq!(rep.errors, 0);
+    assert!(
+        rep.max_gap >= Duration::from_millis(400),
+        "no stall at all? {:?}",
+        rep.max_gap
+    );
+    assert!(
+        rep.max_gap < Duration::from_millis(1500),
+        "stall {:?} far beyond the timeout",
+        rep.max_gap
+    );
+    assert_eq!(verify_acked(&mut c, &rep.acked), 0);
+    let st = r.daemon.status();
+    assert_eq!(st["legs"][0]["state"], "failed");
+    assert!(
+        st["legs"][0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("I/O timeout"),
+        "{st}"
+    );
+}
+
+/// With both legs gone the client gets errors, and the daemon stays up and answers.
+#[test]
+fn both_legs_dead_fails_io_but_not_the_daemon() {
+    let mut r = Rig::plain("both", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(0, &[1; 4096]), 0);
+    r.legs[0].kill();
+    r.legs[1].kill();
+    r.wait_leg(0, "failed", Duration::from_secs(5));
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    assert_ne!(
+        c.write(0, &[2; 4096]),
+        0,
+        "a write with no leg left must fail"
+    );
+    assert!(
+        c.read(0, 4096).is_err(),
+        "a read with no leg left must fail"
+    );
+    assert_ne!(c.flush(), 0);
+    assert!(r.daemon.is_running());
+    let st = r.daemon.status();
+    assert_eq!(st["legs"][0]["state"], "failed");
+    assert_eq!(st["legs"][1]["state"], "failed");
+}
+
+/// A read served by a leg that errors moves to the other leg; the guest sees good data.
+#[test]
+fn read_error_on_one_leg_is_served_by_the_other() {
+    let r = Rig::start(
+        "readerr",
+        [&["error"], &[]],
+        [&["error-pread-rate=100%"], &[]],
+        &["--read-policy", "primary"],
+    );
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(4096, &pattern(9, 4096)), 0);
+    for _ in 0..5 {
+        assert_eq!(c.read(4096, 4096).unwrap(), pattern(9, 4096));
+    }
+    let st = r.daemon.status();
+    assert_eq!(
+        st["legs"][0]["state"], "uptodate",
+        "a bad read is not a dead leg"
+    );
+    assert!(st["legs"][0]["errors"].as_u64().unwrap() >= 5);
+}
+
+/// The frontend goes away and comes back (a restarting VMM): the daemon serves it again.
+#[test]
+fn frontend_reconnects() {
+    let r = Rig::plain("reconnect", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(0, &pattern(1, 4096)), 0);
+    drop(c);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(1, 4096));
+    drop(c);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(4096, &pattern(2, 4096)), 0);
+    assert_eq!(c.read(0, 8192).unwrap()[4096..], pattern(2, 4096)[..]);
+}
+
+/// Operator drill over the control socket: fail-leg ejects, I/O goes on.
+#[test]
+fn fail_leg_from_the_control_socket() {
+    let r = Rig::plain("drill", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    let ok = ctl(&r.daemon.control, r#"{"cmd":"fail-leg","leg":0}"#);
+    assert_eq!(ok["ok"], true);
+    assert_eq!(r.daemon.leg_state(0), "failed");
+    assert_eq!(c.write(0, &pattern(3, 4096)), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(3, 4096));
+    let bad = ctl(&r.daemon.control, r#"{"cmd":"fail-leg","leg":7}"#);
+    assert!(bad["error"].as_str().unwrap().contains("no leg 7"), "{bad}");
+    let junk = ctl(&r.daemon.control, "not json");
+    assert!(
+        junk["error"].as_str().unwrap().contains("bad request"),
+        "{junk}"
+    );
+    // The image of the failed leg did not get the write.
+    assert_ne!(&r.image(0)[..4096], &pattern(3, 4096)[..]);
+    assert_eq!(&r.image(1)[..4096], &pattern(3, 4096)[..]);
+}
+
+/// Start-up errors name the leg and the cause.
+#[test]
+fn unusable_legs_are_clear_errors() {
+    let dir = TempDir::new("badlegs");
+    let small = dir.path("small.img");
+    let big = dir.path("big.img");
+    image(&small, 1 << 20);
+    image(&big, 2 << 20);
+    let a = Nbdkit::start(&dir.path("a.sock"), &small, &[], &[]);
+    let b = Nbdkit::start(&dir.path("b.sock"), &big, &[], &[]);
+    let run = |legs: &[String]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-mirror"));
+        cmd.arg("blk").arg("--socket").arg(dir.path("x.sock"));
+        for l in legs {
+            cmd.arg("--leg").arg(l);
+        }
+        let out = cmd.output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let e = run(&[a.uri(), b.uri()]);
+    assert!(
+        e.contains("legs differ in size") && e.contains("--allow-size-mismatch"),
+        "{e}"
+    );
+    let missing = format!("nbd+unix:///?socket={}", dir.path("nobody.sock").display());
+    let e = run(&[a.uri(), missing.clone()]);
+    assert!(e.contains(&missing), "error does not name the leg: {e}");
+    let e = run(&["nbd://127.0.0.1:1/x".into(), a.uri()]);
+    assert!(e.contains("nbd://127.0.0.1:1/x"), "{e}");
+}
