@@ -4,6 +4,7 @@
 //! the same under the vhost-user backend, inside another VMM, or in a test.
 
 pub mod block;
+pub mod meta;
 
 pub use block::{
     BlockMirror, IoStatus, KeepAlive, LegState, LegStatus, MirrorConfig, MirrorError, MirrorInfo,
