@@ -3,6 +3,7 @@
 //! [`transport::BlockLeg`] and answers requests through a handler the embedder supplies, so it runs
 //! the same under the vhost-user backend, inside another VMM, or in a test.
 
+pub mod bitmap;
 pub mod block;
 pub mod meta;
 

@@ -1,7 +1,7 @@
 //! On-leg metadata: where it lives, how it is encoded, and how a set of legs is judged at start.
 //!
-//! The last few KiB of every leg hold two superblock slots and the write-intent bitmap; the guest
-//! sees the capacity below them. Superblocks are written to the two slots in turn with a rising
+//! The end of every leg holds the write-intent bitmap followed by two superblock slots in the last
+//! 8 KiB (a fixed place, found before the chunk size is known); the guest sees the capacity below. Superblocks are written to the two slots in turn with a rising
 //! sequence number and a checksum, so a torn write leaves the other slot intact (md and DRBD keep
 //! their superblocks the same way). The bitmap has one bit per chunk: set (and on disk) before a
 //! write to the chunk is sent, cleared once every leg holds the chunk.
@@ -64,10 +64,15 @@ pub struct Layout {
     pub chunk_size: u64,
     /// Chunks covering the data.
     pub chunks: u64,
-    /// Offset of superblock slot 0; slot 1 follows, then the bitmap.
+    /// Start of the metadata: the bitmap, then superblock slots 0 and 1.
     pub meta_offset: u64,
     /// Bytes reserved for the bitmap (a multiple of [`ALIGN`]).
     pub bitmap_len: u64,
+}
+
+/// Offset of superblock slot `slot` on a leg of `leg_capacity` bytes.
+pub fn sb_offset(leg_capacity: u64, slot: u64) -> u64 {
+    leg_capacity.saturating_sub((2 - slot % 2) * SB_SIZE)
 }
 
 fn align_up(v: u64, a: u64) -> u64 {
@@ -99,12 +104,12 @@ impl Layout {
 
     /// Offset of superblock slot `slot` (0 or 1).
     pub fn sb_offset(&self, slot: u64) -> u64 {
-        self.meta_offset + (slot % 2) * SB_SIZE
+        sb_offset(self.leg_capacity, slot)
     }
 
     /// Offset of the bitmap.
     pub fn bitmap_offset(&self) -> u64 {
-        self.meta_offset + 2 * SB_SIZE
+        self.meta_offset
     }
 
     /// Chunks touched by `len` bytes at `offset`.
@@ -399,6 +404,8 @@ mod tests {
         let l = Layout::new(64 << 20, DEFAULT_CHUNK).unwrap();
         assert_eq!(l.bitmap_len, 4096);
         assert_eq!(l.meta_offset, (64 << 20) - 3 * 4096);
+        assert_eq!(l.sb_offset(0), (64 << 20) - 2 * 4096);
+        assert_eq!(l.sb_offset(1), (64 << 20) - 4096);
         assert_eq!(l.data_size, l.meta_offset);
         assert_eq!(l.chunks, 64);
         assert_eq!(l.chunks_of(0, 1), 0..1);
