@@ -19,6 +19,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Write fresh mirror metadata on the legs (once, before the first `blk`).
+    Create(CreateArgs),
     /// Serve a mirrored virtio-blk disk on a vhost-user socket.
     Blk(BlkArgs),
     /// Talk to a running daemon's control socket.
@@ -73,9 +75,56 @@ pub struct BlkArgs {
     #[arg(long, value_name = "POLICY", default_value = "least-outstanding")]
     pub read_policy: ReadPolicy,
 
-    /// Accept legs of different sizes and present the smallest.
+    /// Accept legs of different sizes and present the smallest (with --no-metadata; with
+    /// metadata the size is fixed by `create`).
     #[arg(long)]
     pub allow_size_mismatch: bool,
+
+    /// Keep no metadata on the legs: no resync and no safe restart. For scratch disks, null legs
+    /// and benchmarks.
+    #[arg(long)]
+    pub no_metadata: bool,
+
+    /// Mirror the metadata in DIR/mirror-UUID.json as well.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Cap resync bandwidth (bytes per second, with K/M/G suffixes); 0 is unlimited.
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
+    pub resync_rate: u64,
+
+    /// Take leg N as current whatever the metadata says (after a split brain: leg N's data wins,
+    /// the others are resynced from it).
+    #[arg(long, value_name = "N")]
+    pub force_current: Option<usize>,
+
+    /// Do not retry failed legs on their own (`ctl re-add N` still does).
+    #[arg(long)]
+    pub no_reconnect: bool,
+}
+
+/// `vhost-mirror create`.
+#[derive(Debug, Parser)]
+pub struct CreateArgs {
+    /// A leg, as for `blk` (give each leg, in the order `blk` will get them).
+    #[arg(long = "leg", value_name = "SPEC", required = true, num_args = 1)]
+    pub legs: Vec<LegSpec>,
+
+    /// Write-intent chunk: a power of two from 4K to 1G.
+    #[arg(long, value_name = "BYTES", default_value = "1M", value_parser = parse_rate)]
+    pub chunk_size: u64,
+
+    /// The legs already hold the same data (e.g. both blank): no initial copy.
+    #[arg(long)]
+    pub assume_clean: bool,
+
+    /// Give up connecting to a remote leg after this many milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5000)]
+    pub connect_timeout: u64,
+}
+
+fn parse_rate(s: &str) -> Result<u64, String> {
+    transport::parse_size(s)
 }
 
 fn parse_serial(s: &str) -> Result<String, String> {
@@ -100,6 +149,11 @@ impl BlkArgs {
                 connect_timeout: Duration::from_millis(self.connect_timeout),
                 read_only: self.readonly,
             },
+            metadata: !self.no_metadata,
+            force_current: self.force_current,
+            resync_rate: self.resync_rate,
+            reconnect: !self.no_reconnect,
+            state_dir: self.state_dir.clone(),
         }
     }
 
@@ -131,12 +185,30 @@ pub struct CtlArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// Show every leg's state and counters.
-    Status,
+    /// Show every leg's state and counters (with a progress bar while a resync runs).
+    Status {
+        /// Follow a running resync until it ends.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Eject a leg (fault drills): its writes stop and reads move to the other legs.
     FailLeg {
         /// Leg index as listed by `status` (0 is the first --leg).
         leg: usize,
+    },
+    /// Try to bring a failed leg back now and resync it.
+    ReAdd {
+        /// Leg index.
+        leg: usize,
+    },
+    /// Pause a running resync.
+    ResyncPause,
+    /// Resume a paused resync.
+    ResyncResume,
+    /// Cap resync bandwidth (bytes per second, K/M/G suffixes; 0 for none).
+    SetResyncRate {
+        #[arg(value_parser = parse_rate)]
+        rate: u64,
     },
 }
 
@@ -174,6 +246,49 @@ mod tests {
         assert_eq!(a.mirror_config().io_timeout, Duration::from_millis(250));
         assert_eq!(a.blk_config().num_queues, 2);
         assert_eq!(a.blk_config().serial, "abc");
+    }
+
+    #[test]
+    fn create_and_ctl_arguments() {
+        let cli = parse(&[
+            "vhost-mirror",
+            "create",
+            "--leg",
+            "null:1M",
+            "--leg",
+            "null:1M",
+            "--chunk-size",
+            "64K",
+        ])
+        .unwrap();
+        let Command::Create(a) = cli.command else {
+            panic!("not create")
+        };
+        assert_eq!(a.chunk_size, 64 << 10);
+        assert!(!a.assume_clean);
+        let cli = parse(&[
+            "vhost-mirror",
+            "ctl",
+            "--control",
+            "/c",
+            "set-resync-rate",
+            "10M",
+        ])
+        .unwrap();
+        let Command::Ctl(c) = cli.command else {
+            panic!("not ctl")
+        };
+        assert!(matches!(c.command, CtlCommand::SetResyncRate { rate } if rate == 10 << 20));
+        let e = parse(&[
+            "vhost-mirror",
+            "create",
+            "--leg",
+            "null:1M",
+            "--chunk-size",
+            "lots",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--chunk-size"), "{e}");
     }
 
     #[test]

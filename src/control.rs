@@ -1,7 +1,8 @@
 //! The control socket: one JSON object per line in each direction.
 //!
-//! Requests: `{"cmd":"status"}`, `{"cmd":"fail-leg","leg":N}`. Answers: the status object, or
-//! `{"ok":true}`, or `{"error":"..."}`.
+//! Requests: `{"cmd":"status"}`, `{"cmd":"fail-leg","leg":N}`, `{"cmd":"re-add","leg":N}`,
+//! `{"cmd":"resync-pause"}`, `{"cmd":"resync-resume"}`, `{"cmd":"set-resync-rate","rate":BYTES}`.
+//! Answers: the status object, or `{"ok":true}`, or `{"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -19,6 +20,10 @@ use serde_json::{json, Value};
 pub enum Request {
     Status,
     FailLeg { leg: usize },
+    ReAdd { leg: usize },
+    ResyncPause,
+    ResyncResume,
+    SetResyncRate { rate: u64 },
 }
 
 /// What answers control requests: the block daemon, later the net daemon.

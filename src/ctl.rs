@@ -4,6 +4,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
 use crate::cli::{CtlArgs, CtlCommand};
@@ -82,10 +83,11 @@ pub fn render_status(v: &Value) -> String {
         };
         let n = |k: &str| leg.get(k).and_then(Value::as_u64).unwrap_or(0);
         out.push_str(&format!(
-            "leg {} {:<9} {}\n    in flight {}, ops {}, errors {}, read {}, written {}\n",
+            "leg {} {:<9} {} (generation {})\n    in flight {}, ops {}, errors {}, read {}, written {}\n",
             n("index"),
             s("state"),
             s("uri"),
+            n("generation"),
             n("inflight"),
             n("ops"),
             n("errors"),
@@ -99,17 +101,75 @@ pub fn render_status(v: &Value) -> String {
     out
 }
 
+fn resync_bar(r: &Value) -> ProgressBar {
+    let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let bar = ProgressBar::new(n("total_bytes"));
+    bar.set_style(
+        ProgressStyle::with_template(
+            "resync leg {msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    update_bar(&bar, r);
+    bar
+}
+
+fn update_bar(bar: &ProgressBar, r: &Value) {
+    let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+    bar.set_length(n("total_bytes"));
+    bar.set_position(n("done_bytes"));
+    let paused = r.get("paused").and_then(Value::as_bool).unwrap_or(false);
+    bar.set_message(format!(
+        "{}{}",
+        n("leg"),
+        if paused { " (paused)" } else { "" }
+    ));
+}
+
+fn status(args: &CtlArgs, watch: bool) -> Result<(), CtlError> {
+    let req = json!({ "cmd": "status" });
+    let v = request(&args.control, &req)?;
+    if args.json {
+        println!("{v}");
+        return Ok(());
+    }
+    print!("{}", render_status(&v));
+    let Some(r) = v.get("resync").filter(|r| !r.is_null()) else {
+        return Ok(());
+    };
+    let bar = resync_bar(r);
+    if !watch {
+        bar.abandon();
+        return Ok(());
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let v = request(&args.control, &req)?;
+        match v.get("resync").filter(|r| !r.is_null()) {
+            Some(r) => update_bar(&bar, r),
+            None => {
+                bar.finish();
+                print!("{}", render_status(&v));
+                return Ok(());
+            }
+        }
+    }
+}
+
 /// Runs `vhost-mirror ctl`.
 pub fn run(args: &CtlArgs) -> Result<(), CtlError> {
     let req = match &args.command {
-        CtlCommand::Status => json!({ "cmd": "status" }),
+        CtlCommand::Status { watch } => return status(args, *watch),
         CtlCommand::FailLeg { leg } => json!({ "cmd": "fail-leg", "leg": leg }),
+        CtlCommand::ReAdd { leg } => json!({ "cmd": "re-add", "leg": leg }),
+        CtlCommand::ResyncPause => json!({ "cmd": "resync-pause" }),
+        CtlCommand::ResyncResume => json!({ "cmd": "resync-resume" }),
+        CtlCommand::SetResyncRate { rate } => json!({ "cmd": "set-resync-rate", "rate": rate }),
     };
     let v = request(&args.control, &req)?;
     if args.json {
         println!("{v}");
-    } else if matches!(args.command, CtlCommand::Status) {
-        print!("{}", render_status(&v));
     } else {
         println!("ok");
     }

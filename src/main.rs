@@ -13,20 +13,29 @@ use clap::Parser;
 use mirror::{BlockMirror, IoStatus};
 use serde_json::{json, Value};
 
-use cli::{BlkArgs, Cli, Command};
+use cli::{BlkArgs, Cli, Command, CreateArgs};
 use control::{Controlled, Request};
+use log::info;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::time::Duration;
 
 struct BlkControl(BlkMirror);
 
 impl Controlled for BlkControl {
     fn handle(&self, req: Request) -> Result<Value, String> {
         match req {
-            Request::Status => serde_json::to_value(self.0.status()).map_err(|e| e.to_string()),
-            Request::FailLeg { leg } => {
-                self.0.fail_leg(leg).map_err(|e| e.to_string())?;
-                Ok(json!({ "ok": true }))
+            Request::Status => {
+                return serde_json::to_value(self.0.status()).map_err(|e| e.to_string())
             }
+            Request::FailLeg { leg } => self.0.fail_leg(leg),
+            Request::ReAdd { leg } => self.0.re_add(leg),
+            Request::ResyncPause => self.0.set_resync_paused(true),
+            Request::ResyncResume => self.0.set_resync_paused(false),
+            Request::SetResyncRate { rate } => self.0.set_resync_rate(rate),
         }
+        .map(|()| json!({ "ok": true }))
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -43,6 +52,23 @@ fn run_blk(args: &BlkArgs) -> Result<(), String> {
         control::spawn(path, Arc::new(BlkControl(mirror.clone())))
             .map_err(|e| format!("cannot open control socket {}: {e}", path.display()))?;
     }
+    // SIGTERM/SIGINT: finish what is in flight and leave the legs clean, so the next start
+    // needs no resync.
+    let mut signals =
+        Signals::new([SIGTERM, SIGINT]).map_err(|e| format!("cannot catch signals: {e}"))?;
+    let on_signal = mirror.clone();
+    let socket = args.socket.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                info!("signal {sig}: shutting down");
+                on_signal.shutdown(Duration::from_secs(30));
+                let _ = std::fs::remove_file(&socket);
+                std::process::exit(0);
+            }
+        })
+        .map_err(|e| e.to_string())?;
     blk::serve(
         &args.socket,
         mirror,
@@ -52,12 +78,36 @@ fn run_blk(args: &BlkArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
+fn run_create(args: &CreateArgs) -> Result<(), String> {
+    let opts = transport::OpenOptions {
+        connect_timeout: Duration::from_millis(args.connect_timeout),
+        read_only: false,
+    };
+    let c = mirror::create(&args.legs, &opts, args.chunk_size, args.assume_clean)
+        .map_err(|e| e.to_string())?;
+    println!(
+        "created mirror {} over {} legs: {} bytes of data, {} chunks of {} bytes",
+        c.uuid,
+        args.legs.len(),
+        c.data_size,
+        c.chunks,
+        c.chunk_size
+    );
+    if !c.assume_clean {
+        println!(
+            "leg 0 is the source: the daemon copies it to the other legs in the background when it starts"
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp_millis()
         .init();
     let cli = Cli::parse();
     let result = match &cli.command {
+        Command::Create(args) => run_create(args),
         Command::Blk(args) => run_blk(args),
         Command::Ctl(args) => ctl::run(args).map_err(|e| e.to_string()),
     };

@@ -33,6 +33,7 @@ impl Rig {
             ));
         }
         let uris: Vec<String> = legs.iter().map(|l| l.uri()).collect();
+        create(&uris, &["--assume-clean"]);
         let daemon = Daemon::start(&dir, &uris, extra);
         Rig {
             daemon,
@@ -67,12 +68,14 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
 fn data_reads_back_and_both_legs_are_identical() {
     let mut r = Rig::plain("identical", &[]);
     let mut c = Client::connect(&r.daemon.socket, 8);
-    assert_eq!(c.capacity, DISK);
+    // The guest sees the legs less their metadata (bitmap and two superblocks).
+    assert_eq!(c.capacity, DISK - 3 * 4096);
+    let end = c.capacity;
     let writes: Vec<(u64, usize)> = vec![
         (0, 4096),
         (8192, 65536),
         (1 << 20, 512),
-        (DISK - 4096, 4096),
+        (end - 4096, 4096),
         (12345 * 512, 3072),
     ];
     for (i, &(off, len)) in writes.iter().enumerate() {
@@ -97,10 +100,13 @@ fn data_reads_back_and_both_legs_are_identical() {
     }
     assert!(st["legs"][0]["bytes_written"].as_u64().unwrap() >= 4096 + 65536 + 512 + 4096 + 3072);
     drop(c);
-    r.daemon.stop();
+    r.daemon.terminate();
     let (a, b) = (r.image(0), r.image(1));
     assert_eq!(a.len(), DISK as usize);
-    assert!(a == b, "leg images differ after a clean run");
+    assert!(
+        a[..end as usize] == b[..end as usize],
+        "leg data differs after a clean run"
+    );
     assert_eq!(&a[(1 << 20)..(1 << 20) + 512], &pattern(2, 512)[..]);
 }
 
@@ -256,17 +262,23 @@ fn both_legs_dead_fails_io_but_not_the_daemon() {
     assert_eq!(st["legs"][1]["state"], "failed");
 }
 
-/// A read served by a leg that errors moves to the other leg; the guest sees good data.
+/// A read served by a leg that errors moves to the other leg; the guest sees good data, and the
+/// bad block is rewritten on the failing leg from the good one.
 #[test]
 fn read_error_on_one_leg_is_served_by_the_other() {
+    let trig = TempDir::new("readerr-trigger");
+    let trigger = trig.path("fail-reads");
+    let param = format!("error-file={}", trigger.display());
     let r = Rig::start(
         "readerr",
         [&["error"], &[]],
-        [&["error-pread-rate=100%"], &[]],
+        [&["error-pread-rate=100%", &param], &[]],
         &["--read-policy", "primary"],
     );
     let mut c = Client::connect(&r.daemon.socket, 4);
     assert_eq!(c.write(4096, &pattern(9, 4096)), 0);
+    // Reads fail on leg 0 from now on (metadata was read at start, before this).
+    std::fs::write(&trigger, b"").unwrap();
     for _ in 0..5 {
         assert_eq!(c.read(4096, 4096).unwrap(), pattern(9, 4096));
     }
@@ -276,6 +288,7 @@ fn read_error_on_one_leg_is_served_by_the_other() {
         "a bad read is not a dead leg"
     );
     assert!(st["legs"][0]["errors"].as_u64().unwrap() >= 5);
+    assert!(r.daemon.log_text().contains("moves from leg 0 to leg 1"));
 }
 
 /// The frontend goes away and comes back (a restarting VMM): the daemon serves it again.
@@ -319,30 +332,50 @@ fn fail_leg_from_the_control_socket() {
 #[test]
 fn unusable_legs_are_clear_errors() {
     let dir = TempDir::new("badlegs");
-    let small = dir.path("small.img");
-    let big = dir.path("big.img");
-    image(&small, 1 << 20);
-    image(&big, 2 << 20);
-    let a = Nbdkit::start(&dir.path("a.sock"), &small, &[], &[]);
-    let b = Nbdkit::start(&dir.path("b.sock"), &big, &[], &[]);
-    let run = |legs: &[String]| {
+    let img = dir.path("a.img");
+    let img2 = dir.path("b.img");
+    image(&img, 4 << 20);
+    image(&img2, 4 << 20);
+    let a = Nbdkit::start(&dir.path("a.sock"), &img, &[], &[]);
+    let b = Nbdkit::start(&dir.path("b.sock"), &img2, &[], &[]);
+    let run = |legs: &[String], extra: &[&str]| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_vhost-mirror"));
         cmd.arg("blk").arg("--socket").arg(dir.path("x.sock"));
         for l in legs {
             cmd.arg("--leg").arg(l);
         }
-        let out = cmd.output().unwrap();
+        let out = cmd.args(extra).output().unwrap();
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).to_string()
     };
-    let e = run(&[a.uri(), b.uri()]);
+    let e = run(&[a.uri(), b.uri()], &[]);
+    assert!(
+        e.contains("no vhost-mirror metadata") && e.contains("vhost-mirror create"),
+        "{e}"
+    );
+    let missing = format!("nbd+unix:///?socket={}", dir.path("nobody.sock").display());
+    let e = run(&[a.uri(), missing.clone()], &[]);
+    assert!(e.contains(&missing), "error does not name the leg: {e}");
+    let e = run(&["nbd://127.0.0.1:1/x".into(), a.uri()], &[]);
+    assert!(e.contains("nbd://127.0.0.1:1/x"), "{e}");
+    // Without metadata, legs of different sizes are refused unless allowed.
+    let small = dir.path("small.img");
+    image(&small, 1 << 20);
+    let c = Nbdkit::start(&dir.path("c.sock"), &small, &[], &[]);
+    let e = run(&[a.uri(), c.uri()], &["--no-metadata"]);
     assert!(
         e.contains("legs differ in size") && e.contains("--allow-size-mismatch"),
         "{e}"
     );
-    let missing = format!("nbd+unix:///?socket={}", dir.path("nobody.sock").display());
-    let e = run(&[a.uri(), missing.clone()]);
-    assert!(e.contains(&missing), "error does not name the leg: {e}");
-    let e = run(&["nbd://127.0.0.1:1/x".into(), a.uri()]);
-    assert!(e.contains("nbd://127.0.0.1:1/x"), "{e}");
+    // Legs of two different mirrors.
+    create(&[a.uri(), b.uri()], &["--assume-clean"]);
+    let img3 = dir.path("d.img");
+    image(&img3, 4 << 20);
+    let d = Nbdkit::start(&dir.path("d.sock"), &img3, &[], &[]);
+    create(
+        &[d.uri(), c.uri()],
+        &["--assume-clean", "--chunk-size", "64K"],
+    );
+    let e = run(&[a.uri(), d.uri()], &[]);
+    assert!(e.contains("belongs to mirror"), "{e}");
 }

@@ -6,7 +6,11 @@ use common::*;
 #[test]
 fn null_legs_serve_a_libblkio_client() {
     let dir = TempDir::new("smoke");
-    let d = Daemon::start(&dir, &["null:64M".into(), "null:64M".into()], &[]);
+    let d = Daemon::start(
+        &dir,
+        &["null:64M".into(), "null:64M".into()],
+        &["--no-metadata"],
+    );
     let mut c = Client::connect(&d.socket, 4);
     assert_eq!(c.capacity, 64 << 20);
     assert_eq!(c.write(0, &[0xAB; 4096]), 0);

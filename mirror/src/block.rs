@@ -1,18 +1,25 @@
 //! The block mirror: one logical disk over N legs.
 //!
-//! Every write-class request (write, flush, discard, write-zeroes) goes to every up-to-date leg and
-//! completes when all of them have answered. A leg that fails a write, loses its connection or does
-//! not answer within the I/O timeout is ejected: it leaves the up-to-date set, its outstanding
-//! requests stop holding up the guest, and the request completes from the legs that remain. A read
-//! goes to one up-to-date leg and moves to another on error or timeout. The guest sees an error only
-//! when no up-to-date leg can serve the request.
+//! Every write-class request (write, flush, discard, write-zeroes) goes to every leg that takes
+//! writes (up to date, or being resynced) and completes when all of them have answered. A leg that
+//! fails a write, loses its connection or does not answer within the I/O timeout is ejected: it
+//! leaves the set, its outstanding requests stop holding up the guest, and the request completes
+//! from the legs that remain. A read goes to one leg that is current for the chunks it touches and
+//! moves to another on error or timeout. The guest sees an error only when no current leg can
+//! serve the request.
+//!
+//! With metadata (the default), the write path also keeps the write-intent bitmap and the
+//! generation on the legs; see [`crate::sync`].
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use crossbeam_channel::{Receiver, Sender};
 use log::{info, warn};
 use serde::Serialize;
 use slab::Slab;
@@ -20,6 +27,10 @@ use smallvec::SmallVec;
 use transport::{
     CompletionSink, LegError, LegHandle, LegOp, LegRequest, LegSpec, OpenError, OpenOptions, Tag,
 };
+
+use crate::bitmap::AtomicBits;
+use crate::meta::MetaError;
+use crate::sync::{self, Cmd, MetaRuntime, ResyncStatus};
 
 /// Upper bound on legs: the per-request leg sets are bit masks.
 pub const MAX_LEGS: usize = 8;
@@ -32,14 +43,14 @@ pub enum IoStatus {
     Unsupported,
 }
 
-/// Which up-to-date leg serves a read.
+/// Which current leg serves a read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadPolicy {
-    /// The first up-to-date leg in command-line order.
+    /// The first current leg in command-line order.
     Primary,
-    /// Alternate between up-to-date legs.
+    /// Alternate between current legs.
     RoundRobin,
-    /// The up-to-date leg with the fewest requests in flight.
+    /// The current leg with the fewest requests in flight.
     #[default]
     LeastOutstanding,
 }
@@ -65,10 +76,21 @@ pub struct MirrorConfig {
     pub io_timeout: Duration,
     /// Where reads go.
     pub read_policy: ReadPolicy,
-    /// Accept legs of different sizes and expose the smallest.
+    /// Accept legs of different sizes and expose the smallest (legs without metadata only).
     pub allow_size_mismatch: bool,
     /// How legs are opened.
     pub open: OpenOptions,
+    /// Keep metadata (generation, leg states, write-intent bitmap) on the legs. Without it there
+    /// is no resync and no safe restart: for scratch disks and benchmarks.
+    pub metadata: bool,
+    /// Take this leg as current whatever the metadata says (split brain recovery).
+    pub force_current: Option<usize>,
+    /// Resync bandwidth cap in bytes per second; 0 is unlimited.
+    pub resync_rate: u64,
+    /// Retry failed legs in the background and resync them when they answer.
+    pub reconnect: bool,
+    /// Where to mirror the metadata in a local JSON file.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl Default for MirrorConfig {
@@ -78,11 +100,16 @@ impl Default for MirrorConfig {
             read_policy: ReadPolicy::default(),
             allow_size_mismatch: false,
             open: OpenOptions::default(),
+            metadata: true,
+            force_current: None,
+            resync_rate: 0,
+            reconnect: true,
+            state_dir: None,
         }
     }
 }
 
-/// Why a mirror could not be assembled.
+/// Why a mirror could not be assembled or a command was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum MirrorError {
     #[error("a mirror needs at least one leg and at most {MAX_LEGS}, got {0}")]
@@ -97,24 +124,47 @@ pub enum MirrorError {
     NoSuchLeg(usize, usize),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error("leg {leg} {uri}: {source}")]
+    Meta {
+        leg: usize,
+        uri: String,
+        #[source]
+        source: MetaError,
+    },
+    #[error(transparent)]
+    Assemble(MetaError),
+    #[error("leg {leg} {uri}: metadata I/O failed: {err}")]
+    MetaIo {
+        leg: usize,
+        uri: String,
+        err: LegError,
+    },
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Replication state of one leg.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
+#[repr(u8)]
 pub enum LegState {
     /// Holds every acknowledged write; serves reads.
-    UpToDate,
-    /// Ejected: missed writes, serves nothing until brought back.
-    Failed,
+    UpToDate = 0,
+    /// Ejected or unreachable: missed writes, serves nothing until brought back.
+    Failed = 1,
+    /// Reachable but behind; waiting for its resync to start.
+    Outdated = 2,
+    /// Being brought back: takes every write, serves reads of chunks already copied.
+    Resyncing = 3,
 }
 
 impl LegState {
-    fn from_u8(v: u8) -> Self {
-        if v == 0 {
-            LegState::UpToDate
-        } else {
-            LegState::Failed
+    pub(crate) fn from_u8(v: u8) -> Self {
+        match v {
+            0 => LegState::UpToDate,
+            2 => LegState::Outdated,
+            3 => LegState::Resyncing,
+            _ => LegState::Failed,
         }
     }
 }
@@ -124,6 +174,8 @@ impl fmt::Display for LegState {
         f.write_str(match self {
             LegState::UpToDate => "uptodate",
             LegState::Failed => "failed",
+            LegState::Outdated => "outdated",
+            LegState::Resyncing => "resyncing",
         })
     }
 }
@@ -134,6 +186,8 @@ pub struct LegStatus {
     pub index: usize,
     pub uri: String,
     pub state: LegState,
+    /// The generation the leg holds everything up to.
+    pub generation: u64,
     pub inflight: usize,
     pub ops: u64,
     pub errors: u64,
@@ -147,7 +201,12 @@ pub struct LegStatus {
 pub struct MirrorStatus {
     pub capacity: u64,
     pub inflight: usize,
+    pub generation: u64,
+    pub uuid: Option<String>,
+    pub dirty_chunks: u64,
+    pub chunk_size: u64,
     pub legs: Vec<LegStatus>,
+    pub resync: Option<ResyncStatus>,
 }
 
 /// What the mirror offers above its legs.
@@ -166,43 +225,72 @@ pub trait KeepAlive: Send + Sync {}
 impl<T: Send + Sync + ?Sized> KeepAlive for T {}
 
 type Handler<C> = Box<dyn Fn(C, IoStatus) + Send + Sync>;
-type Mask = u8;
+pub(crate) type Mask = u8;
 
-fn bit(leg: usize) -> Mask {
+pub(crate) fn bit(leg: usize) -> Mask {
     1 << leg
 }
 
-struct Leg {
-    uri: String,
-    handle: LegHandle,
-    state: AtomicU8,
-    inflight: AtomicUsize,
-    ops: AtomicU64,
-    errors: AtomicU64,
-    bytes_read: AtomicU64,
-    bytes_written: AtomicU64,
-    last_error: Mutex<Option<String>>,
+pub(crate) struct Leg {
+    pub(crate) spec: Option<LegSpec>,
+    pub(crate) uri: String,
+    pub(crate) handle: RwLock<LegHandle>,
+    /// Bumped with every new connection, so late completions of an old one are recognised.
+    pub(crate) epoch: AtomicU64,
+    pub(crate) state: AtomicU8,
+    pub(crate) capacity: u64,
+    /// Chunks already copied while resyncing.
+    pub(crate) synced: RwLock<Option<Arc<AtomicBits>>>,
+    pub(crate) inflight: AtomicUsize,
+    pub(crate) ops: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) bytes_read: AtomicU64,
+    pub(crate) bytes_written: AtomicU64,
+    pub(crate) last_error: Mutex<Option<String>>,
 }
 
 impl Leg {
-    fn state(&self) -> LegState {
-        LegState::from_u8(self.state.load(Ordering::Acquire))
+    pub(crate) fn state(&self) -> LegState {
+        LegState::from_u8(self.state.load(Ordering::SeqCst))
     }
-    fn record_error(&self, what: String) {
+    pub(crate) fn set_state(&self, s: LegState) {
+        self.state.store(s as u8, Ordering::SeqCst);
+    }
+    pub(crate) fn record_error(&self, what: String) {
         self.errors.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut e) = self.last_error.lock() {
             *e = Some(what);
         }
     }
+    pub(crate) fn handle(&self) -> LegHandle {
+        match self.handle.read() {
+            Ok(h) => h.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+    fn takes_writes(&self) -> bool {
+        matches!(self.state(), LegState::UpToDate | LegState::Resyncing)
+    }
 }
 
-struct Entry<C> {
-    /// Handed back to the completion handler once the guest's answer is known.
-    ctx: Option<C>,
+/// Result of an internal (metadata or resync) request.
+pub(crate) type InternalResult = Result<(), LegError>;
+
+pub(crate) enum Origin<C> {
+    /// A guest request; the context is handed back once answered.
+    Guest(Option<C>),
+    /// The mirror's own I/O; the outcome goes to whoever waits on the channel.
+    Internal(Option<Sender<InternalResult>>),
+}
+
+pub(crate) struct Entry<C> {
+    origin: Origin<C>,
     op: LegOp,
     /// Keeps the buffers valid while any leg may still touch them, which can outlast the guest's
     /// completion when an ejected leg is slow to let go.
     _keep: Option<Arc<dyn KeepAlive>>,
+    /// Chunks this write counted itself in (see [`crate::bitmap::ChunkMap::begin`]).
+    chunks: Range<u64>,
     /// Legs that have the request and have not completed it.
     outstanding: Mask,
     /// Legs whose answer the guest's completion still waits for.
@@ -211,6 +299,9 @@ struct Entry<C> {
     unsupported: Mask,
     /// Legs a read has been tried on.
     tried: Mask,
+    /// Legs whose read failed with a device error: their chunk gets repaired.
+    bad_read: Mask,
+    error: Option<LegError>,
     sent_at: Instant,
 }
 
@@ -220,39 +311,60 @@ impl<C> Entry<C> {
     }
 }
 
-struct Inner<C> {
-    legs: Vec<Leg>,
-    info: MirrorInfo,
-    cfg: MirrorConfig,
+/// Guest completions of writes held back until a superblock update is on disk.
+pub(crate) struct Held<C> {
+    pub(crate) pending: u32,
+    pub(crate) list: Vec<(C, IoStatus)>,
+}
+
+/// A write waiting for its bitmap bits or for a chunk being copied.
+pub(crate) struct Parked<C> {
+    pub(crate) op: LegOp,
+    pub(crate) keep: Option<Arc<dyn KeepAlive>>,
+    pub(crate) ctx: C,
+}
+
+pub(crate) struct Inner<C> {
+    pub(crate) legs: Vec<Leg>,
+    info: Mutex<MirrorInfo>,
+    pub(crate) cfg: MirrorConfig,
     reqs: Mutex<Slab<Entry<C>>>,
     rr: AtomicUsize,
     handler: Handler<C>,
+    md: std::sync::OnceLock<MetaRuntime>,
+    pub(crate) held: Mutex<Held<C>>,
+    pub(crate) parked: Mutex<Vec<Parked<C>>>,
+    /// The chunk being copied by resync or repair; writes to it wait. `u64::MAX` when none.
+    pub(crate) copying: AtomicU64,
+    pub(crate) worker: Sender<Cmd>,
+    pub(crate) stopping: AtomicBool,
+    self_ref: Weak<Inner<C>>,
 }
 
 /// A finished guest request, answered after the request table's lock is released so the handler
 /// may take its own locks.
 type Done<C> = SmallVec<[(C, IoStatus); 2]>;
-/// Reads to send to another leg, sent after the lock is released.
+/// Requests to send (a read moving to another leg), sent after the lock is released.
 type Resend = SmallVec<[(usize, LegRequest); 2]>;
 
-/// Routes one leg's completions into the mirror. The mirror is created after its legs, so the
-/// back-reference is filled in once it exists.
-struct LegSink<C> {
-    leg: usize,
-    mirror: OnceLock<Weak<Inner<C>>>,
+/// Routes one connection's completions into the mirror.
+pub(crate) struct LegSink<C> {
+    pub(crate) leg: usize,
+    pub(crate) epoch: u64,
+    pub(crate) mirror: std::sync::OnceLock<Weak<Inner<C>>>,
 }
 
 impl<C: Send + 'static> CompletionSink for LegSink<C> {
     fn complete(&self, tag: Tag, result: Result<(), LegError>) {
         if let Some(inner) = self.mirror.get().and_then(Weak::upgrade) {
-            inner.leg_done(self.leg, tag, result);
+            inner.leg_done(self.leg, self.epoch, tag, result);
         }
     }
 }
 
 /// The mirroring engine. Cheap to clone; all clones drive the same legs.
 pub struct BlockMirror<C> {
-    inner: Arc<Inner<C>>,
+    pub(crate) inner: Arc<Inner<C>>,
 }
 
 impl<C> Clone for BlockMirror<C> {
@@ -272,18 +384,34 @@ impl<C: Send + 'static> BlockMirror<C> {
         handler: impl Fn(C, IoStatus) + Send + Sync + 'static,
     ) -> Result<Self, MirrorError> {
         let open = cfg.open.clone();
-        Self::with_legs(specs.len(), cfg, handler, |i, sink| {
-            transport::open(&specs[i], sink, &open)
+        Self::build(specs.len(), cfg, handler, |i, sink| {
+            let h = transport::open(&specs[i], sink, &open)?;
+            Ok((h, Some(specs[i].clone())))
         })
     }
 
     /// Assembles a mirror over `count` legs built by `make_leg(index, sink)`, for embedders with
     /// leg types of their own. Each leg must report its completions to the sink it was given.
+    /// Such legs are not reconnected automatically.
     pub fn with_legs(
         count: usize,
         cfg: MirrorConfig,
         handler: impl Fn(C, IoStatus) + Send + Sync + 'static,
         mut make_leg: impl FnMut(usize, Arc<dyn CompletionSink>) -> Result<LegHandle, OpenError>,
+    ) -> Result<Self, MirrorError> {
+        Self::build(count, cfg, handler, |i, sink| {
+            Ok((make_leg(i, sink)?, None))
+        })
+    }
+
+    fn build(
+        count: usize,
+        cfg: MirrorConfig,
+        handler: impl Fn(C, IoStatus) + Send + Sync + 'static,
+        mut make_leg: impl FnMut(
+            usize,
+            Arc<dyn CompletionSink>,
+        ) -> Result<(LegHandle, Option<LegSpec>), OpenError>,
     ) -> Result<Self, MirrorError> {
         if count == 0 || count > MAX_LEGS {
             return Err(MirrorError::LegCount(count));
@@ -293,28 +421,31 @@ impl<C: Send + 'static> BlockMirror<C> {
         for i in 0..count {
             let sink = Arc::new(LegSink::<C> {
                 leg: i,
-                mirror: OnceLock::new(),
+                epoch: 0,
+                mirror: std::sync::OnceLock::new(),
             });
-            let handle = make_leg(i, sink.clone())?;
+            let (handle, spec) = make_leg(i, sink.clone())?;
             let uri = handle.uri().to_string();
+            let li = handle.info().clone();
             info!(
                 "leg {i} {uri}: {} bytes, block size {}, flush {}, discard {}, write-zeroes {}{}",
-                handle.info().capacity,
-                handle.info().block_size,
-                handle.info().flush,
-                handle.info().discard,
-                handle.info().write_zeroes,
-                if handle.info().read_only {
-                    ", read-only"
-                } else {
-                    ""
-                }
+                li.capacity,
+                li.block_size,
+                li.flush,
+                li.discard,
+                li.write_zeroes,
+                if li.read_only { ", read-only" } else { "" }
             );
             sinks.push(sink);
             legs.push(Leg {
+                spec,
                 uri,
-                handle,
-                state: AtomicU8::new(0),
+                capacity: li.capacity,
+                handle: RwLock::new(handle),
+                epoch: AtomicU64::new(0),
+                // No leg serves anything until the metadata says which are current.
+                state: AtomicU8::new(LegState::Failed as u8),
+                synced: RwLock::new(None),
                 inflight: AtomicUsize::new(0),
                 ops: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
@@ -323,63 +454,58 @@ impl<C: Send + 'static> BlockMirror<C> {
                 last_error: Mutex::new(None),
             });
         }
-        let info = Self::combine(&legs, &cfg)?;
-        let inner = Arc::new(Inner {
+        let info = combine(&legs, &cfg)?;
+        let (worker_tx, worker_rx) = crossbeam_channel::unbounded();
+        let inner = Arc::new_cyclic(|me| Inner {
             legs,
-            info,
+            info: Mutex::new(info),
             cfg,
             reqs: Mutex::new(Slab::with_capacity(1024)),
             rr: AtomicUsize::new(0),
             handler: Box::new(handler),
+            md: std::sync::OnceLock::new(),
+            held: Mutex::new(Held {
+                pending: 0,
+                list: Vec::new(),
+            }),
+            parked: Mutex::new(Vec::new()),
+            copying: AtomicU64::new(u64::MAX),
+            worker: worker_tx,
+            stopping: AtomicBool::new(false),
+            self_ref: me.clone(),
         });
-        for sink in sinks {
-            // The sinks were created just above and never set elsewhere.
+        for sink in &sinks {
             let _ = sink.mirror.set(Arc::downgrade(&inner));
         }
-        let weak = Arc::downgrade(&inner);
         let tick =
             (inner.cfg.io_timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let weak = Arc::downgrade(&inner);
         thread::Builder::new()
             .name("mirror-watchdog".into())
             .spawn(move || watchdog(weak, tick))
             .map_err(MirrorError::Thread)?;
-        Ok(BlockMirror { inner })
-    }
 
-    fn combine(legs: &[Leg], cfg: &MirrorConfig) -> Result<MirrorInfo, MirrorError> {
-        let infos: Vec<_> = legs.iter().map(|l| l.handle.info()).collect();
-        for (leg, i) in legs.iter().zip(&infos) {
-            if i.capacity == 0 {
-                return Err(MirrorError::Empty(leg.uri.clone()));
+        if !inner.cfg.metadata {
+            for l in &inner.legs {
+                l.set_state(LegState::UpToDate);
             }
+            spawn_worker(&inner, worker_rx)?;
+            return Ok(BlockMirror { inner });
         }
-        let min = infos.iter().map(|i| i.capacity).min().unwrap_or(0);
-        let max = infos.iter().map(|i| i.capacity).max().unwrap_or(0);
-        if min != max && !cfg.allow_size_mismatch {
-            let sizes = legs
-                .iter()
-                .zip(&infos)
-                .map(|(l, i)| format!("{} is {} bytes", l.uri, i.capacity))
-                .collect::<Vec<_>>()
-                .join(", ");
-            return Err(MirrorError::SizeMismatch(sizes));
+        // The metadata is read through the mirror's own request path, timeouts included.
+        let startup = sync::load(&inner)?;
+        if let Ok(mut i) = inner.info.lock() {
+            i.capacity = startup.runtime.layout.data_size;
         }
-        if min != max {
-            warn!("legs differ in size; using the smallest, {min} bytes");
-        }
-        Ok(MirrorInfo {
-            capacity: min,
-            block_size: infos.iter().map(|i| i.block_size).max().unwrap_or(512),
-            flush: infos.iter().any(|i| i.flush),
-            discard: infos.iter().all(|i| i.discard),
-            write_zeroes: infos.iter().all(|i| i.write_zeroes),
-            read_only: cfg.open.read_only || infos.iter().any(|i| i.read_only),
-        })
+        let _ = inner.md.set(startup.runtime);
+        sync::start(&inner, startup.plan)?;
+        spawn_worker(&inner, worker_rx)?;
+        Ok(BlockMirror { inner })
     }
 
     /// Size and capabilities of the mirrored disk.
     pub fn info(&self) -> MirrorInfo {
-        self.inner.info
+        self.inner.info()
     }
 
     /// Starts a request. `keep` must keep the buffers in `op` valid (see [`transport::Buffers::push`])
@@ -391,36 +517,107 @@ impl<C: Send + 'static> BlockMirror<C> {
 
     /// A snapshot for the control socket.
     pub fn status(&self) -> MirrorStatus {
-        let inflight = self.inner.reqs.lock().map(|r| r.len()).unwrap_or(0);
+        let inner = &self.inner;
+        let inflight = inner.reqs.lock().map(|r| r.len()).unwrap_or(0);
+        let (generation, uuid, views, dirty, chunk) = match inner.md() {
+            Some(md) => {
+                let m = md.meta();
+                (
+                    m.generation,
+                    Some(uuid::Uuid::from_bytes(m.uuid).to_string()),
+                    Some(m.view.clone()),
+                    md.chunks.persisted.count(),
+                    md.layout.chunk_size,
+                )
+            }
+            None => (0, None, None, 0, 0),
+        };
         MirrorStatus {
-            capacity: self.inner.info.capacity,
+            capacity: inner.info().capacity,
             inflight,
-            legs: self
-                .inner
+            generation,
+            uuid,
+            dirty_chunks: dirty,
+            chunk_size: chunk,
+            resync: inner.md().and_then(|md| md.resync_status()),
+            legs: inner
                 .legs
                 .iter()
                 .enumerate()
-                .map(|(index, l)| LegStatus {
-                    index,
-                    uri: l.uri.clone(),
-                    state: l.state(),
-                    inflight: l.inflight.load(Ordering::Relaxed),
-                    ops: l.ops.load(Ordering::Relaxed),
-                    errors: l.errors.load(Ordering::Relaxed),
-                    bytes_read: l.bytes_read.load(Ordering::Relaxed),
-                    bytes_written: l.bytes_written.load(Ordering::Relaxed),
-                    last_error: l.last_error.lock().ok().and_then(|e| e.clone()),
+                .map(|(index, l)| {
+                    let state = l.state();
+                    LegStatus {
+                        index,
+                        uri: l.uri.clone(),
+                        state,
+                        generation: match (&views, state) {
+                            (Some(_), LegState::UpToDate) => generation,
+                            (Some(v), _) => v.get(index).map_or(0, |r| r.good_gen),
+                            (None, _) => 0,
+                        },
+                        inflight: l.inflight.load(Ordering::Relaxed),
+                        ops: l.ops.load(Ordering::Relaxed),
+                        errors: l.errors.load(Ordering::Relaxed),
+                        bytes_read: l.bytes_read.load(Ordering::Relaxed),
+                        bytes_written: l.bytes_written.load(Ordering::Relaxed),
+                        last_error: l.last_error.lock().ok().and_then(|e| e.clone()),
+                    }
                 })
                 .collect(),
         }
     }
 
-    /// Ejects leg `index` by operator request (fault drills).
-    pub fn fail_leg(&self, index: usize) -> Result<(), MirrorError> {
+    fn check_leg(&self, index: usize) -> Result<(), MirrorError> {
         if index >= self.inner.legs.len() {
             return Err(MirrorError::NoSuchLeg(index, self.inner.legs.len() - 1));
         }
+        Ok(())
+    }
+
+    /// Ejects leg `index` by operator request (fault drills).
+    pub fn fail_leg(&self, index: usize) -> Result<(), MirrorError> {
+        self.check_leg(index)?;
         self.inner.eject(index, "failed by operator");
+        Ok(())
+    }
+
+    /// Tries to bring a failed leg back now (it is also retried on its own with backoff).
+    pub fn re_add(&self, index: usize) -> Result<(), MirrorError> {
+        self.check_leg(index)?;
+        if self.inner.md().is_none() {
+            return Err(MirrorError::Refused(
+                "this mirror keeps no metadata (--no-metadata): a failed leg cannot be resynced"
+                    .into(),
+            ));
+        }
+        match self.inner.legs[index].state() {
+            LegState::Failed => {
+                let _ = self.inner.worker.send(Cmd::ReAdd(index));
+                Ok(())
+            }
+            s => Err(MirrorError::Refused(format!(
+                "leg {index} is {s}, not failed"
+            ))),
+        }
+    }
+
+    /// Pauses or resumes a running resync.
+    pub fn set_resync_paused(&self, paused: bool) -> Result<(), MirrorError> {
+        let md = self
+            .inner
+            .md()
+            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
+        md.resync_paused.store(paused, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Caps resync bandwidth (bytes per second, 0 for none).
+    pub fn set_resync_rate(&self, rate: u64) -> Result<(), MirrorError> {
+        let md = self
+            .inner
+            .md()
+            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
+        md.resync_rate.store(rate, Ordering::SeqCst);
         Ok(())
     }
 
@@ -428,15 +625,137 @@ impl<C: Send + 'static> BlockMirror<C> {
     pub fn inflight(&self) -> usize {
         self.inner.reqs.lock().map(|r| r.len()).unwrap_or(0)
     }
+
+    /// Stops cleanly: waits for requests in flight (up to `limit`), stops resync, and when every
+    /// leg is in sync clears the bitmap and marks the legs clean, so the next start needs no
+    /// resync at all.
+    pub fn shutdown(&self, limit: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        let t0 = Instant::now();
+        while self.inflight() > 0 && t0.elapsed() < limit {
+            thread::sleep(Duration::from_millis(2));
+        }
+        if self.inner.md().is_some() {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if self.inner.worker.send(Cmd::Shutdown(tx)).is_ok() {
+                let _ = rx.recv_timeout(limit);
+            }
+        }
+    }
+}
+
+fn spawn_worker<C: Send + 'static>(
+    inner: &Arc<Inner<C>>,
+    rx: Receiver<Cmd>,
+) -> Result<(), MirrorError> {
+    let weak = Arc::downgrade(inner);
+    thread::Builder::new()
+        .name("mirror-meta".into())
+        .spawn(move || sync::worker(weak, rx))
+        .map_err(MirrorError::Thread)?;
+    Ok(())
+}
+
+fn combine(legs: &[Leg], cfg: &MirrorConfig) -> Result<MirrorInfo, MirrorError> {
+    let infos: Vec<_> = legs.iter().map(|l| l.handle().info().clone()).collect();
+    for (leg, i) in legs.iter().zip(&infos) {
+        if i.capacity == 0 {
+            return Err(MirrorError::Empty(leg.uri.clone()));
+        }
+    }
+    let min = infos.iter().map(|i| i.capacity).min().unwrap_or(0);
+    let max = infos.iter().map(|i| i.capacity).max().unwrap_or(0);
+    // With metadata each leg's data area is fixed by `create`; the legs themselves may differ.
+    if min != max && !cfg.allow_size_mismatch && !cfg.metadata {
+        let sizes = legs
+            .iter()
+            .zip(&infos)
+            .map(|(l, i)| format!("{} is {} bytes", l.uri, i.capacity))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(MirrorError::SizeMismatch(sizes));
+    }
+    if min != max && !cfg.metadata {
+        warn!("legs differ in size; using the smallest, {min} bytes");
+    }
+    Ok(MirrorInfo {
+        capacity: min,
+        block_size: infos.iter().map(|i| i.block_size).max().unwrap_or(512),
+        flush: infos.iter().any(|i| i.flush),
+        discard: infos.iter().all(|i| i.discard),
+        write_zeroes: infos.iter().all(|i| i.write_zeroes),
+        read_only: cfg.open.read_only || infos.iter().any(|i| i.read_only),
+    })
+}
+
+/// Byte range a request touches on disk.
+fn op_range(op: &LegOp) -> Option<(u64, u64)> {
+    match op {
+        LegOp::Read { offset, bufs } | LegOp::Write { offset, bufs, .. } => {
+            Some((*offset, bufs.total_len() as u64))
+        }
+        LegOp::Discard { offset, len } | LegOp::WriteZeroes { offset, len, .. } => {
+            Some((*offset, *len))
+        }
+        LegOp::Flush => None,
+    }
 }
 
 impl<C: Send + 'static> Inner<C> {
-    fn up_to_date(&self) -> Mask {
+    pub(crate) fn arc(&self) -> Option<Arc<Inner<C>>> {
+        self.self_ref.upgrade()
+    }
+
+    pub(crate) fn md(&self) -> Option<&MetaRuntime> {
+        self.md.get()
+    }
+
+    pub(crate) fn info(&self) -> MirrorInfo {
+        match self.info.lock() {
+            Ok(i) => *i,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    fn mask_where(&self, f: impl Fn(&Leg) -> bool) -> Mask {
         self.legs
             .iter()
             .enumerate()
-            .filter(|(_, l)| l.state() == LegState::UpToDate)
+            .filter(|(_, l)| f(l))
             .fold(0, |m, (i, _)| m | bit(i))
+    }
+
+    pub(crate) fn up_to_date(&self) -> Mask {
+        self.mask_where(|l| l.state() == LegState::UpToDate)
+    }
+
+    fn write_set(&self) -> Mask {
+        self.mask_where(Leg::takes_writes)
+    }
+
+    /// Legs current for every chunk of `range`: up to date, or resyncing with those chunks copied.
+    fn current_for(&self, range: Option<Range<u64>>) -> Mask {
+        let mut m = self.up_to_date();
+        for (i, l) in self.legs.iter().enumerate() {
+            if l.state() != LegState::Resyncing {
+                continue;
+            }
+            let (Some(range), Ok(synced)) = (range.clone(), l.synced.read()) else {
+                continue;
+            };
+            if let Some(s) = synced.as_ref() {
+                if range.clone().all(|c| s.get(c)) {
+                    m |= bit(i);
+                }
+            }
+        }
+        m
+    }
+
+    fn chunk_range(&self, op: &LegOp) -> Option<Range<u64>> {
+        let md = self.md()?;
+        let (off, len) = op_range(op)?;
+        Some(md.layout.chunks_of(off, len))
     }
 
     fn pick_read_leg(&self, candidates: Mask) -> Option<usize> {
@@ -457,31 +776,113 @@ impl<C: Send + 'static> Inner<C> {
         }
     }
 
-    fn submit(&self, op: LegOp, keep: Option<Arc<dyn KeepAlive>>, ctx: C) {
-        let up = self.up_to_date();
-        let targets = if matches!(op, LegOp::Read { .. }) {
-            self.pick_read_leg(up).map_or(0, bit)
-        } else {
-            up
+    pub(crate) fn submit(&self, op: LegOp, keep: Option<Arc<dyn KeepAlive>>, ctx: C) {
+        if matches!(op, LegOp::Read { .. }) {
+            let range = self.chunk_range(&op);
+            let targets = self.pick_read_leg(self.current_for(range)).map_or(0, bit);
+            self.dispatch(op, keep, Origin::Guest(Some(ctx)), targets, 0..0);
+            return;
+        }
+        self.submit_write(Parked { op, keep, ctx });
+    }
+
+    /// A write-class request: once its bitmap bits are on disk and its chunks are not being
+    /// copied, it goes to every leg that takes writes.
+    pub(crate) fn submit_write(&self, p: Parked<C>) {
+        let chunks = match (self.md(), self.chunk_range(&p.op)) {
+            (Some(md), Some(range)) => {
+                let ready = md.chunks.begin(range.clone());
+                let copying = self.copying.load(Ordering::SeqCst);
+                if !ready || range.contains(&copying) {
+                    md.chunks.end(range.clone());
+                    self.park(p, range, !ready);
+                    return;
+                }
+                range
+            }
+            _ => 0..0,
         };
+        let targets = self.write_set();
+        self.dispatch(p.op, p.keep, Origin::Guest(Some(p.ctx)), targets, chunks);
+    }
+
+    fn park(&self, p: Parked<C>, range: Range<u64>, need_flush: bool) {
+        let Some(md) = self.md() else { return };
+        {
+            let Ok(mut parked) = self.parked.lock() else {
+                return;
+            };
+            // Look again under the lock: whoever releases parked writes changes the condition
+            // first and takes this lock after, so a write is either let through here or seen there.
+            let copying = self.copying.load(Ordering::SeqCst);
+            let ready = range.clone().all(|c| md.chunks.persisted.get(c));
+            if !ready || range.contains(&copying) {
+                if !ready {
+                    for c in range {
+                        md.chunks.wanted.set(c);
+                    }
+                }
+                parked.push(p);
+                if need_flush || !ready {
+                    let _ = self.worker.send(Cmd::Flush);
+                }
+                return;
+            }
+        }
+        self.submit_write(p);
+    }
+
+    /// Lets parked writes try again (their bits are on disk, or a copied chunk was released).
+    pub(crate) fn kick_parked(&self) {
+        let list = match self.parked.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => return,
+        };
+        for p in list {
+            self.submit_write(p);
+        }
+    }
+
+    fn dispatch(
+        &self,
+        op: LegOp,
+        keep: Option<Arc<dyn KeepAlive>>,
+        origin: Origin<C>,
+        targets: Mask,
+        chunks: Range<u64>,
+    ) {
         if targets == 0 {
-            (self.handler)(ctx, IoStatus::IoError);
+            if let Some(md) = self.md() {
+                md.chunks.end(chunks);
+            }
+            match origin {
+                Origin::Guest(Some(ctx)) => (self.handler)(ctx, IoStatus::IoError),
+                Origin::Internal(Some(tx)) => {
+                    let _ = tx.send(Err(LegError::Lost("no leg to send to".into())));
+                }
+                _ => {}
+            }
             return;
         }
         let tag = {
             let Ok(mut reqs) = self.reqs.lock() else {
-                (self.handler)(ctx, IoStatus::IoError);
+                if let Origin::Guest(Some(ctx)) = origin {
+                    (self.handler)(ctx, IoStatus::IoError);
+                }
                 return;
             };
             reqs.insert(Entry {
-                ctx: Some(ctx),
+                origin,
                 op: op.clone(),
                 _keep: keep,
+                chunks,
                 outstanding: targets,
                 waiting: targets,
                 ok: 0,
                 unsupported: 0,
                 tried: targets,
+                bad_read: 0,
+                error: None,
                 sent_at: Instant::now(),
             }) as Tag
         };
@@ -497,16 +898,48 @@ impl<C: Send + 'static> Inner<C> {
     fn send(&self, leg: usize, tag: Tag, op: LegOp) {
         let l = &self.legs[leg];
         l.inflight.fetch_add(1, Ordering::Relaxed);
-        l.handle.submit(LegRequest { tag, op });
+        l.handle().submit(LegRequest { tag, op });
     }
 
-    fn leg_done(&self, leg: usize, tag: Tag, result: Result<(), LegError>) {
+    /// Sends the mirror's own request to one leg, bypassing the leg's state, and waits for it.
+    /// Timeouts are the watchdog's: a leg that sits on it is ejected, which fails it.
+    pub(crate) fn leg_io(&self, leg: usize, op: LegOp, keep: Arc<dyn KeepAlive>) -> InternalResult {
+        let rx = self.leg_io_start(leg, op, keep);
+        self.leg_io_wait(&rx)
+    }
+
+    /// Sends the mirror's own request; [`Inner::leg_io_wait`] collects the outcome.
+    pub(crate) fn leg_io_start(
+        &self,
+        leg: usize,
+        op: LegOp,
+        keep: Arc<dyn KeepAlive>,
+    ) -> Receiver<InternalResult> {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        self.dispatch(op, Some(keep), Origin::Internal(Some(tx)), bit(leg), 0..0);
+        rx
+    }
+
+    /// Waits for a request sent with [`Inner::leg_io_start`].
+    pub(crate) fn leg_io_wait(&self, rx: &Receiver<InternalResult>) -> InternalResult {
+        let limit = self.cfg.io_timeout * 4 + Duration::from_secs(10);
+        match rx.recv_timeout(limit) {
+            Ok(r) => r,
+            Err(_) => Err(LegError::Lost(format!("no answer within {limit:?}"))),
+        }
+    }
+
+    fn leg_done(&self, leg: usize, epoch: u64, tag: Tag, result: Result<(), LegError>) {
         let l = &self.legs[leg];
         l.inflight.fetch_sub(1, Ordering::Relaxed);
         l.ops.fetch_add(1, Ordering::Relaxed);
+        // A connection that has been replaced can still report its aborted requests; they count
+        // for the request's bookkeeping but say nothing about the new connection.
+        let stale_conn = epoch != l.epoch.load(Ordering::SeqCst);
         let mut done: Done<C> = SmallVec::new();
         let mut resend: Resend = SmallVec::new();
         let mut eject: Option<String> = None;
+        let mut repair: Option<(usize, Range<u64>)> = None;
         {
             let Ok(mut reqs) = self.reqs.lock() else {
                 return;
@@ -517,6 +950,7 @@ impl<C: Send + 'static> Inner<C> {
             };
             e.outstanding &= !bit(leg);
             e.waiting &= !bit(leg);
+            let internal = matches!(e.origin, Origin::Internal(_));
             match &result {
                 Ok(()) => {
                     e.ok |= bit(leg);
@@ -534,20 +968,31 @@ impl<C: Send + 'static> Inner<C> {
                 }
                 Err(LegError::Unsupported) => e.unsupported |= bit(leg),
                 Err(err) => {
-                    l.record_error(format!("{} failed: {err}", e.op.name()));
-                    // A read error on a working leg is a bad block, not a dead leg: the read moves
-                    // on and the leg stays. A failed write leaves the leg behind the others, and a
-                    // lost connection leaves it unusable: both eject it, unless it is the last
-                    // up-to-date leg and the error is the device's answer, where ejecting would
-                    // only turn one failed request into a dead disk.
-                    let last = self.up_to_date() == bit(leg);
-                    if err.is_fatal() || (!e.is_read() && !last) {
-                        eject = Some(format!("{} failed: {err}", e.op.name()));
+                    e.error = Some(err.clone());
+                    if stale_conn || l.state() == LegState::Failed {
+                        // The aftermath of an ejection: count it, but keep the reason on record.
+                        l.errors.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        l.record_error(format!("{} failed: {err}", e.op.name()));
+                        // A read error on a working leg is a bad block, not a dead leg: the read
+                        // moves on, the leg stays and the block is repaired. A failed write leaves
+                        // the leg behind the others, and a lost connection leaves it unusable:
+                        // both eject it, unless it is the last current leg and the error is the
+                        // device's answer, where ejecting would only turn one failed request into
+                        // a dead disk.
+                        let last = self.up_to_date() == bit(leg);
+                        if err.is_fatal() || (!e.is_read() && !internal && !last) {
+                            eject = Some(format!("{} failed: {err}", e.op.name()));
+                        } else if e.is_read() && !internal {
+                            e.bad_read |= bit(leg);
+                        }
                     }
                 }
             }
-            if e.is_read() && e.ok == 0 && e.waiting == 0 {
-                let left = self.up_to_date() & !e.tried & !eject.as_ref().map_or(0, |_| bit(leg));
+            if e.is_read() && !internal && e.ok == 0 && e.waiting == 0 {
+                let range = self.chunk_range(&e.op);
+                let not_this = if eject.is_some() { !bit(leg) } else { !0 };
+                let left = self.current_for(range) & !e.tried & not_this;
                 if let Some(next) = self.pick_read_leg(left) {
                     e.tried |= bit(next);
                     e.outstanding |= bit(next);
@@ -562,7 +1007,12 @@ impl<C: Send + 'static> Inner<C> {
                     ));
                 }
             }
-            Self::settle(&mut reqs, tag as usize, &mut done);
+            if e.is_read() && !internal && e.ok != 0 && e.bad_read != 0 {
+                if let Some(range) = self.chunk_range(&e.op) {
+                    repair = Some((e.bad_read.trailing_zeros() as usize, range));
+                }
+            }
+            self.settle(&mut reqs, tag as usize, &mut done);
             if let Some(reason) = &eject {
                 if !self.mark_failed(leg, reason, &mut reqs, &mut done) {
                     eject = None;
@@ -570,7 +1020,13 @@ impl<C: Send + 'static> Inner<C> {
             }
         }
         if let Some(reason) = eject {
-            self.legs[leg].handle.abort(&reason);
+            self.legs[leg].handle().abort(&reason);
+        }
+        if let Some((bad, range)) = repair {
+            let _ = self.worker.send(Cmd::Repair {
+                leg: bad,
+                chunks: range,
+            });
         }
         for (next, req) in resend {
             info!(
@@ -584,30 +1040,86 @@ impl<C: Send + 'static> Inner<C> {
         }
     }
 
-    /// Answers the guest once no leg it waits for is left, and forgets the request once no leg
-    /// holds its buffers.
-    fn settle(reqs: &mut Slab<Entry<C>>, key: usize, done: &mut Done<C>) {
+    /// Answers the request once no leg it waits for is left, and forgets it once no leg holds
+    /// its buffers.
+    fn settle(&self, reqs: &mut Slab<Entry<C>>, key: usize, done: &mut Done<C>) {
         let Some(e) = reqs.get_mut(key) else { return };
         if e.waiting == 0 {
-            if let Some(ctx) = e.ctx.take() {
-                let status = if e.ok != 0 {
-                    IoStatus::Ok
-                } else if e.unsupported != 0 {
-                    IoStatus::Unsupported
-                } else {
-                    IoStatus::IoError
-                };
-                done.push((ctx, status));
+            let status = if e.ok != 0 {
+                IoStatus::Ok
+            } else if e.unsupported != 0 {
+                IoStatus::Unsupported
+            } else {
+                IoStatus::IoError
+            };
+            match &mut e.origin {
+                Origin::Guest(ctx) => {
+                    if let Some(ctx) = ctx.take() {
+                        if let Some(md) = self.md() {
+                            md.chunks.end(std::mem::replace(&mut e.chunks, 0..0));
+                        }
+                        self.answer(ctx, status, !e.is_read(), done);
+                    }
+                }
+                Origin::Internal(tx) => {
+                    if let Some(tx) = tx.take() {
+                        let r = if e.ok != 0 {
+                            Ok(())
+                        } else if e.unsupported != 0 {
+                            Err(LegError::Unsupported)
+                        } else {
+                            Err(e.error.clone().unwrap_or(LegError::Io(libc::EIO)))
+                        };
+                        let _ = tx.send(r);
+                    }
+                }
             }
         }
-        if e.outstanding == 0 && e.ctx.is_none() {
+        let finished = match &e.origin {
+            Origin::Guest(c) => c.is_none(),
+            Origin::Internal(t) => t.is_none(),
+        };
+        if e.outstanding == 0 && finished {
             reqs.remove(key);
         }
     }
 
-    /// Takes `leg` out of the up-to-date set. Write-class requests stop waiting for it; reads wait
-    /// until it has released their buffers (the abort that follows makes it do so) and then move
-    /// to another leg.
+    /// Hands a guest answer out, or holds a write's while a superblock update that it depends on
+    /// (a leg left the set) is not yet on disk.
+    fn answer(&self, ctx: C, status: IoStatus, write: bool, done: &mut Done<C>) {
+        if write && self.md().is_some() {
+            if let Ok(mut held) = self.held.lock() {
+                if held.pending > 0 {
+                    held.list.push((ctx, status));
+                    return;
+                }
+            }
+        }
+        done.push((ctx, status));
+    }
+
+    /// Releases the writes held for a superblock update that is now on disk.
+    pub(crate) fn release_held(&self) {
+        let list = match self.held.lock() {
+            Ok(mut h) => {
+                h.pending = h.pending.saturating_sub(1);
+                if h.pending == 0 {
+                    std::mem::take(&mut h.list)
+                } else {
+                    Vec::new()
+                }
+            }
+            Err(_) => return,
+        };
+        for (ctx, status) in list {
+            (self.handler)(ctx, status);
+        }
+    }
+
+    /// Takes `leg` out of every set. Write-class requests stop waiting for it; reads wait until
+    /// it has released their buffers (the abort that follows makes it do so) and then move to
+    /// another leg. With metadata, writes answered from here on are held until the survivors'
+    /// superblocks record the ejection: a crash must not let the stale leg pass for current.
     fn mark_failed(
         &self,
         leg: usize,
@@ -616,46 +1128,58 @@ impl<C: Send + 'static> Inner<C> {
         done: &mut Done<C>,
     ) -> bool {
         let l = &self.legs[leg];
-        if l.state
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
-            .is_err()
-        {
+        let before = l.state();
+        if before == LegState::Failed {
             return false;
         }
-        warn!("leg {leg} {} ejected: {reason}", l.uri);
+        if self.md().is_some() {
+            if let Ok(mut held) = self.held.lock() {
+                held.pending += 1;
+            }
+        }
+        l.set_state(LegState::Failed);
+        if let Ok(mut s) = l.synced.write() {
+            *s = None;
+        }
+        warn!("leg {leg} {} ejected ({before} before): {reason}", l.uri);
         l.record_error(format!("ejected: {reason}"));
         let keys: SmallVec<[usize; 64]> = reqs
             .iter()
-            .filter(|(_, e)| !e.is_read() && e.waiting & bit(leg) != 0)
+            .filter(|(_, e)| {
+                !e.is_read() && matches!(e.origin, Origin::Guest(_)) && e.waiting & bit(leg) != 0
+            })
             .map(|(k, _)| k)
             .collect();
         for k in keys {
             if let Some(e) = reqs.get_mut(k) {
                 e.waiting &= !bit(leg);
             }
-            Self::settle(reqs, k, done);
+            self.settle(reqs, k, done);
         }
         if self.up_to_date() == 0 {
-            warn!("no up-to-date leg left: guest I/O fails until a leg returns");
+            warn!("no up-to-date leg left: guest I/O to unsynced data fails until a leg returns");
+        }
+        if self.md().is_some() {
+            let _ = self.worker.send(Cmd::Ejected(leg));
         }
         true
     }
 
-    fn eject(&self, leg: usize, reason: &str) {
+    pub(crate) fn eject(&self, leg: usize, reason: &str) {
         let mut done: Done<C> = SmallVec::new();
         let ejected = match self.reqs.lock() {
             Ok(mut reqs) => self.mark_failed(leg, reason, &mut reqs, &mut done),
             Err(_) => false,
         };
         if ejected {
-            self.legs[leg].handle.abort(reason);
+            self.legs[leg].handle().abort(reason);
         }
         for (ctx, status) in done {
             (self.handler)(ctx, status);
         }
     }
 
-    /// Ejects up-to-date legs that died on their own or sit on a request past the timeout.
+    /// Ejects legs that died on their own or sit on a request past the timeout.
     fn check_legs(&self) {
         let timeout = self.cfg.io_timeout;
         let mut late: Mask = 0;
@@ -668,10 +1192,10 @@ impl<C: Send + 'static> Inner<C> {
             }
         }
         for (i, l) in self.legs.iter().enumerate() {
-            if l.state() != LegState::UpToDate {
+            if l.state() == LegState::Failed {
                 continue;
             }
-            if !l.handle.is_alive() {
+            if !l.handle().is_alive() {
                 self.eject(i, "connection lost");
             } else if late & bit(i) != 0 {
                 self.eject(
@@ -683,6 +1207,27 @@ impl<C: Send + 'static> Inner<C> {
                 );
             }
         }
+    }
+
+    /// Replaces leg `leg`'s connection; completions of the old one no longer count against it.
+    pub(crate) fn install(&self, leg: usize, handle: LegHandle, epoch: u64) {
+        let l = &self.legs[leg];
+        l.epoch.store(epoch, Ordering::SeqCst);
+        if let Ok(mut h) = l.handle.write() {
+            *h = handle;
+        }
+    }
+
+    /// A fresh sink for a new connection of `leg`.
+    pub(crate) fn new_sink(&self, leg: usize) -> (Arc<LegSink<C>>, u64) {
+        let epoch = self.legs[leg].epoch.load(Ordering::SeqCst) + 1;
+        let sink = Arc::new(LegSink {
+            leg,
+            epoch,
+            mirror: std::sync::OnceLock::new(),
+        });
+        let _ = sink.mirror.set(self.self_ref.clone());
+        (sink, epoch)
     }
 }
 

@@ -6,8 +6,10 @@
 pub mod bitmap;
 pub mod block;
 pub mod meta;
+pub mod sync;
 
 pub use block::{
     BlockMirror, IoStatus, KeepAlive, LegState, LegStatus, MirrorConfig, MirrorError, MirrorInfo,
     MirrorStatus, ReadPolicy, MAX_LEGS,
 };
+pub use sync::{create, Created, ResyncStatus};

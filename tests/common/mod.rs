@@ -103,6 +103,21 @@ impl Drop for Nbdkit {
     }
 }
 
+/// `vhost-mirror create` on `legs`; panics with its output if it fails.
+pub fn create(legs: &[String], extra: &[&str]) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-mirror"));
+    cmd.arg("create");
+    for l in legs {
+        cmd.arg("--leg").arg(l);
+    }
+    let out = cmd.args(extra).output().unwrap();
+    assert!(
+        out.status.success(),
+        "create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The `vhost-mirror blk` daemon.
 pub struct Daemon {
     pub child: Child,
@@ -176,6 +191,19 @@ impl Daemon {
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as an operator or init system would: a clean shutdown.
+    pub fn terminate(&mut self) {
+        signal(&self.child, libc::SIGTERM);
+        let t0 = Instant::now();
+        while self.is_running() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "daemon ignored SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 

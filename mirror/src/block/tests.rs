@@ -81,6 +81,7 @@ fn rig_sized(sizes: &[u64], timeout_ms: u64) -> Result<Rig, MirrorError> {
     let cfg = MirrorConfig {
         io_timeout: Duration::from_millis(timeout_ms),
         read_policy: ReadPolicy::Primary,
+        metadata: false,
         ..Default::default()
     };
     let mirror = BlockMirror::with_legs(

@@ -1,0 +1,1188 @@
+//! Keeping the legs consistent: metadata at start, the write-intent bitmap, generation bumps on
+//! ejection, resync of a returning leg, read-error repair, and reconnection.
+//!
+//! One worker thread ("mirror-meta") owns every metadata write, so bitmap flushes, sweeps and
+//! superblock rounds never interleave. Resync runs on its own thread and copies one chunk at a
+//! time under the chunk lock (`Inner::copying`): guest writes to that chunk wait until the copy is
+//! done, so an older copy can never land over a newer guest write.
+
+use std::alloc::{alloc_zeroed, dealloc, Layout as AllocLayout};
+use std::collections::BTreeSet;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use log::{debug, error, info, warn};
+use serde::Serialize;
+use transport::{Buffers, CompletionSink, LegError, LegOp, LegSpec, OpenOptions, Tag};
+
+use crate::bitmap::{AtomicBits, ChunkMap};
+use crate::block::{bit, Inner, InternalResult, LegState, Mask, MirrorError};
+use crate::meta::{
+    self, assemble, Layout, MetaError, PeerRecord, PeerState, Superblock, ALIGN, SB_SIZE,
+};
+
+/// Work for the metadata worker.
+pub(crate) enum Cmd {
+    /// Writers wait for bitmap bits.
+    Flush,
+    /// A leg left the set: bump the generation, then release held writes.
+    Ejected(usize),
+    /// A read failed on `leg`: copy these chunks to it from a current leg.
+    Repair { leg: usize, chunks: Range<u64> },
+    /// Try to bring a failed leg back now.
+    ReAdd(usize),
+    /// Flush, mark clean if in sync, and answer.
+    Shutdown(Sender<()>),
+}
+
+/// Resync progress, as the control socket reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResyncStatus {
+    pub leg: usize,
+    pub done_bytes: u64,
+    pub total_bytes: u64,
+    /// Bytes per second over the resync so far.
+    pub rate: u64,
+    pub paused: bool,
+}
+
+/// The mirror's idea of the metadata; every leg's superblock is written from it.
+pub(crate) struct Meta {
+    pub(crate) uuid: [u8; 16],
+    pub(crate) generation: u64,
+    pub(crate) view: Vec<PeerRecord>,
+    seq: Vec<u64>,
+}
+
+struct Retry {
+    next: Instant,
+    backoff: Duration,
+    /// Set when the leg came back diverged: only an operator's re-add tries again.
+    refused: bool,
+    /// An operator asked for a try (also when automatic reconnection is off).
+    manual: bool,
+}
+
+/// Metadata state of a running mirror.
+pub(crate) struct MetaRuntime {
+    /// The data area (chunk arithmetic).
+    pub(crate) layout: Layout,
+    /// Where each leg keeps its metadata.
+    leg_layouts: Vec<Layout>,
+    pub(crate) chunks: ChunkMap,
+    meta: Mutex<Meta>,
+    pub(crate) resync_paused: AtomicBool,
+    pub(crate) resync_rate: AtomicU64,
+    resync: Mutex<Option<ResyncStatus>>,
+    resync_running: AtomicBool,
+    copy_lock: Mutex<()>,
+    retry: Mutex<Vec<Retry>>,
+    state_file: Option<PathBuf>,
+}
+
+impl MetaRuntime {
+    pub(crate) fn meta(&self) -> MutexGuard<'_, Meta> {
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn resync_status(&self) -> Option<ResyncStatus> {
+        self.resync.lock().ok().and_then(|r| r.clone())
+    }
+}
+
+/// A page-aligned buffer for the mirror's own I/O (O_DIRECT legs need the alignment).
+pub(crate) struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: IoBuf owns its allocation; the raw pointer is only handed to legs through `bufs`, whose
+// contract keeps the IoBuf alive (as the request's keep-alive) until they are done.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only read through `as_slice`, which callers use once no leg writes.
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    pub(crate) fn new(len: usize) -> Arc<IoBuf> {
+        let len = len.max(ALIGN as usize);
+        let layout = AllocLayout::from_size_align(len, ALIGN as usize).expect("valid layout");
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        let ptr = NonNull::new(ptr).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
+        Arc::new(IoBuf { ptr, len })
+    }
+
+    /// The first `len` bytes as request buffers.
+    fn bufs(&self, len: usize) -> Buffers {
+        let mut b = Buffers::new();
+        // SAFETY: the range lies inside the allocation, which the request's keep-alive (an Arc of
+        // this IoBuf) holds until every leg is done with it.
+        unsafe { b.push(self.ptr.as_ptr(), len.min(self.len)) };
+        b
+    }
+
+    /// Contents; only meaningful while no request on the buffer is in flight.
+    fn as_slice(&self, len: usize) -> &[u8] {
+        // SAFETY: the allocation is `self.len` initialised (zeroed) bytes owned by self.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), len.min(self.len)) }
+    }
+
+    /// Fills the buffer; only while no request on it is in flight.
+    fn fill(&self, data: &[u8]) {
+        let n = data.len().min(self.len);
+        // SAFETY: n bytes fit in the allocation, and no leg holds the buffer (caller's promise).
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.as_ptr(), n) };
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        let layout = AllocLayout::from_size_align(self.len, ALIGN as usize).expect("valid layout");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+/// Reads both superblock slots of a leg through `io` and returns the newer valid one.
+fn read_superblock(
+    capacity: u64,
+    mut io: impl FnMut(LegOp, Arc<IoBuf>) -> InternalResult,
+) -> Result<Result<Superblock, MetaError>, LegError> {
+    let mut slots = Vec::new();
+    for slot in 0..2 {
+        let buf = IoBuf::new(SB_SIZE as usize);
+        io(
+            LegOp::Read {
+                offset: meta::sb_offset(capacity, slot),
+                bufs: buf.bufs(SB_SIZE as usize),
+            },
+            buf.clone(),
+        )?;
+        slots.push(Superblock::decode(buf.as_slice(SB_SIZE as usize)));
+    }
+    let b = slots.pop().unwrap_or(Err(MetaError::NoMetadata));
+    let a = slots.pop().unwrap_or(Err(MetaError::NoMetadata));
+    Ok(Superblock::pick(a, b))
+}
+
+/// What `load` decided.
+pub(crate) struct Plan {
+    current: Vec<usize>,
+    stale: Vec<usize>,
+}
+
+pub(crate) struct Startup {
+    pub(crate) runtime: MetaRuntime,
+    pub(crate) plan: Plan,
+}
+
+fn data_layout(leg_capacity: u64, chunk: u64, data_size: u64) -> Result<Layout, MetaError> {
+    let l = Layout::new(leg_capacity, chunk)?;
+    if data_size > l.data_size || !data_size.is_multiple_of(ALIGN) {
+        return Err(MetaError::Mismatch(format!(
+            "the mirror's data area ({data_size} bytes) does not fit this leg ({leg_capacity} bytes)"
+        )));
+    }
+    Ok(Layout {
+        data_size,
+        chunks: data_size.div_ceil(chunk),
+        ..l
+    })
+}
+
+/// Reads every leg's metadata and decides which legs are current.
+pub(crate) fn load<C: Send + 'static>(inner: &Inner<C>) -> Result<Startup, MirrorError> {
+    let mut sbs = Vec::new();
+    for (i, l) in inner.legs.iter().enumerate() {
+        let sb = read_superblock(l.capacity, |op, keep| inner.leg_io(i, op, keep))
+            .map_err(|err| MirrorError::MetaIo {
+                leg: i,
+                uri: l.uri.clone(),
+                err,
+            })?
+            .map_err(|source| MirrorError::Meta {
+                leg: i,
+                uri: l.uri.clone(),
+                source,
+            })?;
+        sbs.push(sb);
+    }
+    let asm = assemble(&sbs, inner.cfg.force_current).map_err(MirrorError::Assemble)?;
+    let src = &sbs[asm.source];
+    let chunk = src.chunk_size;
+    let mut leg_layouts = Vec::new();
+    for (i, l) in inner.legs.iter().enumerate() {
+        leg_layouts.push(
+            data_layout(l.capacity, chunk, src.data_size).map_err(|source| MirrorError::Meta {
+                leg: i,
+                uri: l.uri.clone(),
+                source,
+            })?,
+        );
+    }
+    let layout = leg_layouts[asm.source];
+    let chunks = ChunkMap::new(layout.chunks);
+    // Bits of every leg still counted as current: after a crash they may differ, and the union
+    // covers every write that might have reached one leg and not another.
+    let bm_len = layout.chunks.div_ceil(8) as usize;
+    for &i in &asm.current {
+        let l = &leg_layouts[i];
+        let buf = IoBuf::new(l.bitmap_len as usize);
+        inner
+            .leg_io(
+                i,
+                LegOp::Read {
+                    offset: l.bitmap_offset(),
+                    bufs: buf.bufs(l.bitmap_len as usize),
+                },
+                buf.clone(),
+            )
+            .map_err(|err| MirrorError::MetaIo {
+                leg: i,
+                uri: inner.legs[i].uri.clone(),
+                err,
+            })?;
+        chunks.persisted.or_bytes(buf.as_slice(bm_len));
+    }
+    let clean = src.clean;
+    let (current, mut stale) = if clean {
+        (asm.current.clone(), asm.stale.clone())
+    } else {
+        // An unclean stop may have left writes on some current legs only: the source's copy of
+        // every dirty chunk wins, so the others are brought level with it.
+        let mut stale = asm.stale.clone();
+        stale.extend(asm.current.iter().filter(|&&i| i != asm.source));
+        (vec![asm.source], stale)
+    };
+    stale.sort_unstable();
+    let mut view = src.legs.clone();
+    for &i in &current {
+        view[i] = PeerRecord {
+            state: PeerState::UpToDate,
+            good_gen: asm.generation,
+        };
+    }
+    info!(
+        "mirror {} generation {}: current legs {:?}, to resync {:?}, {} dirty chunks of {} bytes{}",
+        src.uuid_string(),
+        asm.generation,
+        current,
+        stale,
+        chunks.persisted.count(),
+        chunk,
+        if clean { "" } else { " (unclean stop)" }
+    );
+    let state_file = inner
+        .cfg
+        .state_dir
+        .as_ref()
+        .map(|d| d.join(format!("mirror-{}.json", src.uuid_string())));
+    if let Some(f) = &state_file {
+        check_state_file(f, asm.generation);
+    }
+    let runtime = MetaRuntime {
+        layout,
+        leg_layouts,
+        chunks,
+        meta: Mutex::new(Meta {
+            uuid: src.uuid,
+            generation: asm.generation,
+            view,
+            seq: sbs.iter().map(|s| s.seq).collect(),
+        }),
+        resync_paused: AtomicBool::new(false),
+        resync_rate: AtomicU64::new(inner.cfg.resync_rate),
+        resync: Mutex::new(None),
+        resync_running: AtomicBool::new(false),
+        copy_lock: Mutex::new(()),
+        retry: Mutex::new(
+            (0..inner.legs.len())
+                .map(|_| Retry {
+                    next: Instant::now(),
+                    backoff: Duration::from_secs(1),
+                    refused: false,
+                    manual: false,
+                })
+                .collect(),
+        ),
+        state_file,
+    };
+    Ok(Startup {
+        runtime,
+        plan: Plan { current, stale },
+    })
+}
+
+fn check_state_file(path: &PathBuf, generation: u64) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        warn!(
+            "state file {} is not JSON; it will be rewritten",
+            path.display()
+        );
+        return;
+    };
+    if let Some(g) = v.get("generation").and_then(|g| g.as_u64()) {
+        if g > generation {
+            warn!(
+                "state file {} recorded generation {g}, but the legs hold only {generation}: a leg \
+                 with newer data may be missing",
+                path.display()
+            );
+        }
+    }
+}
+
+/// Puts the plan into effect: current legs serve, stale legs start resyncing.
+pub(crate) fn start<C: Send + 'static>(inner: &Inner<C>, plan: Plan) -> Result<(), MirrorError> {
+    let Some(md) = inner.md() else { return Ok(()) };
+    for &i in &plan.current {
+        inner.legs[i].set_state(LegState::UpToDate);
+    }
+    for &i in &plan.stale {
+        inner.legs[i].set_state(LegState::Outdated);
+    }
+    let mask = plan.current.iter().fold(0, |m, &i| m | bit(i));
+    write_superblocks(inner, md, mask, false);
+    if inner.up_to_date() == 0 {
+        return Err(MirrorError::Refused(
+            "no current leg could be written".into(),
+        ));
+    }
+    for &i in &plan.stale {
+        begin_resync(inner, md, i);
+    }
+    Ok(())
+}
+
+/// Runs the mirror's own requests on several legs at once and waits for all of them.
+fn parallel_io<C: Send + 'static>(
+    inner: &Inner<C>,
+    reqs: Vec<(usize, LegOp, Arc<IoBuf>)>,
+) -> Vec<(usize, InternalResult)> {
+    let pending: Vec<_> = reqs
+        .into_iter()
+        .map(|(leg, op, buf)| (leg, inner.leg_io_start(leg, op, buf)))
+        .collect();
+    pending
+        .into_iter()
+        .map(|(leg, rx)| (leg, inner.leg_io_wait(&rx)))
+        .collect()
+}
+
+fn legs_of(mask: Mask, n: usize) -> impl Iterator<Item = usize> {
+    (0..n).filter(move |&i| mask & bit(i) != 0)
+}
+
+/// Writes every leg in `mask` its superblock from the current view (each to the slot after the
+/// one it last wrote). A leg that fails the write is ejected.
+fn write_superblocks<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    mask: Mask,
+    clean: bool,
+) {
+    let mut m = md.meta();
+    let mut reqs = Vec::new();
+    for i in legs_of(mask, inner.legs.len()) {
+        m.seq[i] += 1;
+        let sb = Superblock {
+            uuid: m.uuid,
+            seq: m.seq[i],
+            generation: m.generation,
+            leg_index: i as u32,
+            chunk_size: md.layout.chunk_size,
+            data_size: md.layout.data_size,
+            clean,
+            legs: m.view.clone(),
+        };
+        let buf = IoBuf::new(SB_SIZE as usize);
+        buf.fill(&sb.encode());
+        let op = LegOp::Write {
+            offset: md.leg_layouts[i].sb_offset(m.seq[i] % 2),
+            bufs: buf.bufs(SB_SIZE as usize),
+            fua: true,
+        };
+        reqs.push((i, op, buf));
+    }
+    let results = parallel_io(inner, reqs);
+    let generation = m.generation;
+    let views = m.view.clone();
+    let uuid = m.uuid;
+    drop(m);
+    for (i, r) in results {
+        if let Err(e) = r {
+            inner.eject(i, &format!("superblock write failed: {e}"));
+        }
+    }
+    if let Some(path) = &md.state_file {
+        let legs: Vec<_> = inner
+            .legs
+            .iter()
+            .zip(&views)
+            .map(|(l, v)| serde_json::json!({ "uri": l.uri, "state": l.state(), "good_gen": v.good_gen }))
+            .collect();
+        let doc = serde_json::json!({
+            "uuid": uuid::Uuid::from_bytes(uuid).to_string(),
+            "generation": generation,
+            "legs": legs,
+        });
+        let tmp = path.with_extension("tmp");
+        let res = std::fs::write(&tmp, doc.to_string()).and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = res {
+            warn!("cannot write state file {}: {e}", path.display());
+        }
+    }
+    debug!("superblocks written: generation {generation}, clean {clean}");
+}
+
+/// Writes the bitmap pages `pages` (4 KiB each) from `image` to every leg that takes writes.
+fn write_bitmap_pages<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    pages: &BTreeSet<u64>,
+    image: &[u8],
+) {
+    let mut reqs = Vec::new();
+    for i in legs_of(inner_write_set(inner), inner.legs.len()) {
+        for &p in pages {
+            let start = (p * ALIGN) as usize;
+            let end = (start + ALIGN as usize).min(image.len());
+            if start >= end {
+                continue;
+            }
+            let buf = IoBuf::new(ALIGN as usize);
+            buf.fill(&image[start..end]);
+            let op = LegOp::Write {
+                offset: md.leg_layouts[i].bitmap_offset() + p * ALIGN,
+                bufs: buf.bufs(ALIGN as usize),
+                fua: true,
+            };
+            reqs.push((i, op, buf));
+        }
+    }
+    let mut failed: Mask = 0;
+    for (i, r) in parallel_io(inner, reqs) {
+        if let Err(e) = r {
+            if failed & bit(i) == 0 {
+                failed |= bit(i);
+                inner.eject(i, &format!("bitmap write failed: {e}"));
+            }
+        }
+    }
+}
+
+fn inner_write_set<C: Send + 'static>(inner: &Inner<C>) -> Mask {
+    inner
+        .legs
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l.state(), LegState::UpToDate | LegState::Resyncing))
+        .fold(0, |m, (i, _)| m | bit(i))
+}
+
+fn page_of(chunk: u64) -> u64 {
+    chunk / (ALIGN * 8)
+}
+
+/// Puts wanted bits on disk, then lets the writes waiting for them go.
+fn flush_bitmap<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime) {
+    let new: Vec<u64> = md
+        .chunks
+        .wanted
+        .ones()
+        .into_iter()
+        .filter(|&c| !md.chunks.persisted.get(c))
+        .collect();
+    for c in md.chunks.wanted.ones() {
+        md.chunks.wanted.clear(c);
+    }
+    if !new.is_empty() {
+        let mut image = md.chunks.persisted.to_bytes(md.layout.bitmap_len as usize);
+        let mut pages = BTreeSet::new();
+        for &c in &new {
+            image[(c / 8) as usize] |= 1 << (c % 8);
+            pages.insert(page_of(c));
+        }
+        write_bitmap_pages(inner, md, &pages, &image);
+        for &c in &new {
+            md.chunks.persisted.set(c);
+        }
+    }
+    inner.kick_parked();
+}
+
+/// Clears the bits of chunks every leg holds and nobody writes, and puts that on disk.
+fn sweep<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, force: bool) {
+    let all_current =
+        |inner: &Inner<C>| inner.up_to_date().count_ones() as usize == inner.legs.len();
+    if !all_current(inner) || md.resync_running.load(Ordering::SeqCst) {
+        return;
+    }
+    let mut cleared = Vec::new();
+    for c in md.chunks.persisted.ones() {
+        if force {
+            md.chunks.touched.clear(c);
+        }
+        if md.chunks.try_clean(c) {
+            cleared.push(c);
+        }
+    }
+    if cleared.is_empty() {
+        return;
+    }
+    if !all_current(inner) {
+        // A leg fell out while we looked: it missed whatever was written meanwhile.
+        for c in cleared {
+            md.chunks.persisted.set(c);
+        }
+        return;
+    }
+    let image = md.chunks.persisted.to_bytes(md.layout.bitmap_len as usize);
+    let pages: BTreeSet<u64> = cleared.iter().map(|&c| page_of(c)).collect();
+    write_bitmap_pages(inner, md, &pages, &image);
+    debug!("cleared {} bitmap bits", cleared.len());
+}
+
+/// A leg left the set: the ones that remain record it and move to a new generation.
+fn on_ejected<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize) {
+    {
+        let mut m = md.meta();
+        let old = m.generation;
+        m.generation += 1;
+        let new = m.generation;
+        for (i, l) in inner.legs.iter().enumerate() {
+            let v = &mut m.view[i];
+            match l.state() {
+                LegState::UpToDate => {
+                    *v = PeerRecord {
+                        state: PeerState::UpToDate,
+                        good_gen: new,
+                    }
+                }
+                LegState::Resyncing => v.state = PeerState::Resyncing,
+                LegState::Failed | LegState::Outdated => {
+                    if v.state == PeerState::UpToDate {
+                        *v = PeerRecord {
+                            state: PeerState::Outdated,
+                            good_gen: old,
+                        };
+                    } else {
+                        v.state = PeerState::Outdated;
+                    }
+                }
+            }
+        }
+        info!(
+            "generation {old} -> {new}: leg {leg} {} recorded as outdated",
+            inner.legs[leg].uri
+        );
+    }
+    write_superblocks(inner, md, inner_write_set(inner), false);
+    inner.release_held();
+    if let Ok(mut r) = md.retry.lock() {
+        if let Some(r) = r.get_mut(leg) {
+            r.next = Instant::now() + Duration::from_secs(1);
+            r.backoff = Duration::from_secs(1);
+        }
+    }
+}
+
+/// Makes `leg` take writes and starts copying the chunks it missed.
+fn begin_resync<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize) {
+    let l = &inner.legs[leg];
+    let synced = Arc::new(AtomicBits::new(md.layout.chunks));
+    if let Ok(mut s) = l.synced.write() {
+        *s = Some(synced.clone());
+    }
+    // Join the write set first, then look at the bitmap: every write sent without this leg had
+    // its bit on disk before it went out, and no bit is cleared while a leg is behind.
+    l.set_state(LegState::Resyncing);
+    let dirty = md.chunks.persisted.ones();
+    let dirty_set: BTreeSet<u64> = dirty.iter().copied().collect();
+    for c in 0..md.layout.chunks {
+        if !dirty_set.contains(&c) {
+            synced.set(c);
+        }
+    }
+    {
+        let mut m = md.meta();
+        m.view[leg].state = PeerState::Resyncing;
+    }
+    write_superblocks(inner, md, inner_write_set(inner), false);
+    let total: u64 = dirty.iter().map(|&c| chunk_len(md, c)).sum();
+    info!(
+        "leg {leg} {}: resyncing {} dirty chunks ({total} bytes)",
+        l.uri,
+        dirty.len()
+    );
+    let Some(me) = inner.arc() else { return };
+    let spawned = thread::Builder::new()
+        .name("mirror-resync".into())
+        .spawn(move || resync(&me, leg, dirty, total));
+    if let Err(e) = spawned {
+        error!("cannot start resync thread: {e}");
+    }
+}
+
+fn chunk_len(md: &MetaRuntime, c: u64) -> u64 {
+    let off = c * md.layout.chunk_size;
+    md.layout
+        .chunk_size
+        .min(md.layout.data_size.saturating_sub(off))
+}
+
+enum CopyError {
+    Source(LegError),
+    Target(LegError),
+    Busy,
+}
+
+/// Releases the chunk lock and lets waiting writes go, however the copy ends.
+struct Copying<'a, C: Send + 'static>(&'a Inner<C>);
+
+impl<C: Send + 'static> Drop for Copying<'_, C> {
+    fn drop(&mut self) {
+        self.0.copying.store(u64::MAX, Ordering::SeqCst);
+        self.0.kick_parked();
+    }
+}
+
+/// Copies chunk `c` from `src` to `dst` with guest writes to it held off.
+fn copy_chunk<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    c: u64,
+    src: usize,
+    dst: usize,
+    buf: &Arc<IoBuf>,
+) -> Result<u64, CopyError> {
+    let _one_copier = md.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
+    inner.copying.store(c, Ordering::SeqCst);
+    let _release = Copying(inner);
+    let t0 = Instant::now();
+    while md.chunks.inflight(c) != 0 {
+        if t0.elapsed() > inner.cfg.io_timeout * 4 + Duration::from_secs(5) {
+            return Err(CopyError::Busy);
+        }
+        thread::sleep(Duration::from_micros(50));
+    }
+    let off = c * md.layout.chunk_size;
+    let len = chunk_len(md, c);
+    inner
+        .leg_io(
+            src,
+            LegOp::Read {
+                offset: off,
+                bufs: buf.bufs(len as usize),
+            },
+            buf.clone(),
+        )
+        .map_err(CopyError::Source)?;
+    inner
+        .leg_io(
+            dst,
+            LegOp::Write {
+                offset: off,
+                bufs: buf.bufs(len as usize),
+                fua: false,
+            },
+            buf.clone(),
+        )
+        .map_err(CopyError::Target)?;
+    Ok(len)
+}
+
+fn pick_source<C: Send + 'static>(inner: &Inner<C>, not: usize) -> Option<usize> {
+    (0..inner.legs.len()).find(|&i| i != not && inner.legs[i].state() == LegState::UpToDate)
+}
+
+fn set_resync(md: &MetaRuntime, s: Option<ResyncStatus>) {
+    if let Ok(mut r) = md.resync.lock() {
+        *r = s;
+    }
+}
+
+/// Copies `dirty` to `leg`, then marks it up to date.
+fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>, total: u64) {
+    let Some(md) = inner.md() else { return };
+    if md.resync_running.swap(true, Ordering::SeqCst) {
+        // One resync at a time; this leg waits its turn.
+        while md.resync_running.swap(true, Ordering::SeqCst) {
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let l = &inner.legs[leg];
+    let t0 = Instant::now();
+    let mut done = 0u64;
+    let buf = IoBuf::new(md.layout.chunk_size as usize);
+    let synced = l.synced.read().ok().and_then(|s| s.clone());
+    let mut status = ResyncStatus {
+        leg,
+        done_bytes: 0,
+        total_bytes: total,
+        rate: 0,
+        paused: false,
+    };
+    set_resync(md, Some(status.clone()));
+    let mut k = 0;
+    let mut finished = true;
+    while k < dirty.len() {
+        let c = dirty[k];
+        if inner.stopping.load(Ordering::SeqCst) || l.state() != LegState::Resyncing {
+            finished = false;
+            break;
+        }
+        if md.resync_paused.load(Ordering::SeqCst) {
+            status.paused = true;
+            set_resync(md, Some(status.clone()));
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        status.paused = false;
+        let Some(src) = pick_source(inner, leg) else {
+            warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
+            finished = false;
+            break;
+        };
+        match copy_chunk(inner, md, c, src, leg, &buf) {
+            Ok(len) => {
+                if let Some(s) = &synced {
+                    s.set(c);
+                }
+                done += len;
+                k += 1;
+            }
+            Err(CopyError::Source(e)) => {
+                inner.eject(src, &format!("resync read failed: {e}"));
+                continue;
+            }
+            Err(CopyError::Target(e)) => {
+                inner.eject(leg, &format!("resync write failed: {e}"));
+                finished = false;
+                break;
+            }
+            Err(CopyError::Busy) => {
+                warn!("chunk {c} stayed busy; trying again");
+                continue;
+            }
+        }
+        let elapsed = t0.elapsed().as_secs_f64().max(1e-6);
+        status.done_bytes = done;
+        status.rate = (done as f64 / elapsed) as u64;
+        set_resync(md, Some(status.clone()));
+        let rate = md.resync_rate.load(Ordering::SeqCst);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            let spent = t0.elapsed();
+            if due > spent {
+                thread::sleep(due - spent);
+            }
+        }
+    }
+    if finished && l.state() == LegState::Resyncing {
+        match inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)) {
+            Err(e) if e != LegError::Unsupported => {
+                inner.eject(leg, &format!("flush after resync failed: {e}"))
+            }
+            _ => complete_resync(inner, md, leg, done, t0.elapsed()),
+        }
+    }
+    set_resync(md, None);
+    md.resync_running.store(false, Ordering::SeqCst);
+}
+
+fn complete_resync<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    leg: usize,
+    bytes: u64,
+    took: Duration,
+) {
+    let generation = {
+        let mut m = md.meta();
+        let g = m.generation;
+        m.view[leg] = PeerRecord {
+            state: PeerState::UpToDate,
+            good_gen: g,
+        };
+        g
+    };
+    // The legs that were current learn it first: if we crash between the two writes, the
+    // resynced leg still calls itself resyncing and is merely copied again.
+    let others = inner_write_set(inner) & !bit(leg);
+    write_superblocks(inner, md, others, false);
+    write_superblocks(inner, md, bit(leg), false);
+    let l = &inner.legs[leg];
+    if l.state() != LegState::Resyncing {
+        return;
+    }
+    l.set_state(LegState::UpToDate);
+    if let Ok(mut s) = l.synced.write() {
+        *s = None;
+    }
+    info!(
+        "leg {leg} {} is up to date again (generation {generation}): {bytes} bytes copied in {:.1} s",
+        l.uri,
+        took.as_secs_f64()
+    );
+}
+
+/// A read failed on `leg` and succeeded elsewhere: copy the chunks back to it.
+fn repair<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize, chunks: Range<u64>) {
+    let buf = IoBuf::new(md.layout.chunk_size as usize);
+    for c in chunks {
+        if inner.legs[leg].state() != LegState::UpToDate {
+            return;
+        }
+        let Some(src) = pick_source(inner, leg) else {
+            return;
+        };
+        match copy_chunk(inner, md, c, src, leg, &buf) {
+            Ok(_) => info!(
+                "leg {leg} {}: chunk {c} repaired from leg {src}",
+                inner.legs[leg].uri
+            ),
+            Err(CopyError::Target(e)) => {
+                inner.eject(leg, &format!("repair write failed: {e}"));
+                return;
+            }
+            Err(CopyError::Source(e)) => warn!("repair of chunk {c}: source leg {src} failed: {e}"),
+            Err(CopyError::Busy) => warn!("repair of chunk {c}: chunk stayed busy"),
+        }
+    }
+}
+
+/// Tries to reconnect a failed leg; on success, resyncs it.
+fn try_return<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize) {
+    let l = &inner.legs[leg];
+    let Some(spec) = l.spec.clone() else { return };
+    let backoff = |refused: bool| {
+        if let Ok(mut r) = md.retry.lock() {
+            let r = &mut r[leg];
+            r.backoff = (r.backoff * 2).min(Duration::from_secs(30));
+            r.next = Instant::now() + r.backoff;
+            r.refused |= refused;
+        }
+    };
+    let (sink, epoch) = inner.new_sink(leg);
+    let handle = match transport::open(&spec, sink, &inner.cfg.open) {
+        Ok(h) => h,
+        Err(e) => {
+            debug!("leg {leg} still unreachable: {e}");
+            backoff(false);
+            return;
+        }
+    };
+    if handle.info().capacity != l.capacity {
+        warn!(
+            "leg {leg} {} came back with {} bytes instead of {}; not re-adding",
+            l.uri,
+            handle.info().capacity,
+            l.capacity
+        );
+        backoff(true);
+        return;
+    }
+    inner.install(leg, handle, epoch);
+    let sb = match read_superblock(l.capacity, |op, keep| inner.leg_io(leg, op, keep)) {
+        Ok(Ok(sb)) => sb,
+        Ok(Err(e)) => {
+            error!(
+                "leg {leg} {} answers again but its metadata is unusable ({e}); not re-adding",
+                l.uri
+            );
+            backoff(true);
+            return;
+        }
+        Err(e) => {
+            debug!("leg {leg}: reading its superblock failed: {e}");
+            backoff(false);
+            return;
+        }
+    };
+    let (ok, why) = {
+        let m = md.meta();
+        let v = m.view[leg];
+        if sb.uuid != m.uuid || sb.leg_index as usize != leg {
+            (
+                false,
+                format!(
+                    "it now belongs to mirror {} as leg {}",
+                    sb.uuid_string(),
+                    sb.leg_index
+                ),
+            )
+        } else if sb.generation <= v.good_gen
+            || (v.state != PeerState::Outdated && sb.generation <= m.generation)
+        {
+            (true, String::new())
+        } else {
+            (
+                false,
+                format!(
+                    "it was written elsewhere while apart (generation {}, last good here {}): split brain",
+                    sb.generation, v.good_gen
+                ),
+            )
+        }
+    };
+    if !ok {
+        error!(
+            "leg {leg} {} is back, but {why}; not re-adding (fix it, then `ctl re-add {leg}`)",
+            l.uri
+        );
+        backoff(true);
+        return;
+    }
+    if let Ok(mut r) = md.retry.lock() {
+        r[leg].backoff = Duration::from_secs(1);
+    }
+    info!(
+        "leg {leg} {} answers again (generation {})",
+        l.uri, sb.generation
+    );
+    begin_resync(inner, md, leg);
+}
+
+/// Final flush; if every leg is in sync, an empty bitmap and clean superblocks.
+fn shutdown<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime) {
+    flush_bitmap(inner, md);
+    let all = inner.up_to_date().count_ones() as usize == inner.legs.len();
+    if all {
+        sweep(inner, md, true);
+    }
+    write_superblocks(
+        inner,
+        md,
+        inner_write_set(inner),
+        all && md.chunks.persisted.count() == 0,
+    );
+    info!(
+        "metadata flushed{}",
+        if all { "; legs marked clean" } else { "" }
+    );
+}
+
+/// The metadata worker's loop.
+pub(crate) fn worker<C: Send + 'static>(mirror: Weak<Inner<C>>, rx: Receiver<Cmd>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        let cmd = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(c) => Some(c),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(inner) = mirror.upgrade() else {
+            return;
+        };
+        let Some(md) = inner.md() else {
+            if let Some(Cmd::Shutdown(tx)) = cmd {
+                let _ = tx.send(());
+            }
+            continue;
+        };
+        match cmd {
+            Some(Cmd::Flush) => flush_bitmap(&inner, md),
+            Some(Cmd::Ejected(leg)) => on_ejected(&inner, md, leg),
+            Some(Cmd::Repair { leg, chunks }) => repair(&inner, md, leg, chunks),
+            Some(Cmd::ReAdd(leg)) => {
+                if let Ok(mut r) = md.retry.lock() {
+                    r[leg].next = Instant::now();
+                    r[leg].refused = false;
+                    r[leg].manual = true;
+                }
+            }
+            Some(Cmd::Shutdown(tx)) => {
+                shutdown(&inner, md);
+                let _ = tx.send(());
+                continue;
+            }
+            None => {}
+        }
+        if inner.stopping.load(Ordering::SeqCst) {
+            continue;
+        }
+        if md.chunks.wanted.count() > 0 {
+            flush_bitmap(&inner, md);
+        }
+        if last_sweep.elapsed() >= Duration::from_secs(2) {
+            last_sweep = Instant::now();
+            sweep(&inner, md, false);
+        }
+        let due: Vec<usize> = match md.retry.lock() {
+            Ok(mut r) => (0..inner.legs.len())
+                .filter(|&i| {
+                    let due = inner.legs[i].state() == LegState::Failed
+                        && (inner.cfg.reconnect || r[i].manual)
+                        && !r[i].refused
+                        && r[i].next <= Instant::now();
+                    if due {
+                        r[i].manual = false;
+                    }
+                    due
+                })
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        for leg in due {
+            try_return(&inner, md, leg);
+        }
+    }
+}
+
+/// What `create` wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub uuid: String,
+    pub data_size: u64,
+    pub chunk_size: u64,
+    pub chunks: u64,
+    /// Whether the legs are marked in sync already (otherwise leg 0 is copied to the others when
+    /// the daemon starts).
+    pub assume_clean: bool,
+}
+
+struct ChanSink(Sender<(Tag, Result<(), LegError>)>);
+
+impl CompletionSink for ChanSink {
+    fn complete(&self, tag: Tag, result: Result<(), LegError>) {
+        let _ = self.0.send((tag, result));
+    }
+}
+
+/// Writes fresh metadata on `specs`: a new mirror whose leg 0 is the source. Unless
+/// `assume_clean`, every chunk is marked dirty and the other legs are outdated, so the daemon
+/// copies leg 0 to them in the background when it starts.
+pub fn create(
+    specs: &[LegSpec],
+    opts: &OpenOptions,
+    chunk: u64,
+    assume_clean: bool,
+) -> Result<Created, MirrorError> {
+    if specs.len() < 2 || specs.len() > crate::MAX_LEGS {
+        return Err(MirrorError::LegCount(specs.len()));
+    }
+    let mut legs = Vec::new();
+    let mut chans = Vec::new();
+    for spec in specs {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let h = transport::open(spec, Arc::new(ChanSink(tx)), opts)?;
+        if h.info().read_only {
+            return Err(MirrorError::Refused(format!(
+                "leg {} is read-only",
+                h.uri()
+            )));
+        }
+        legs.push(h);
+        chans.push(rx);
+    }
+    let io = |i: usize, op: LegOp, keep: &Arc<IoBuf>| -> Result<(), MirrorError> {
+        let _keep = keep.clone();
+        legs[i].submit(transport::LegRequest { tag: 0, op });
+        let r = chans[i]
+            .recv_timeout(opts.connect_timeout.max(Duration::from_secs(30)))
+            .map(|(_, r)| r)
+            .unwrap_or(Err(LegError::Lost("no answer".into())));
+        r.map_err(|err| MirrorError::MetaIo {
+            leg: i,
+            uri: legs[i].uri().to_string(),
+            err,
+        })
+    };
+    let mut layouts = Vec::new();
+    for (i, l) in legs.iter().enumerate() {
+        layouts.push(Layout::new(l.info().capacity, chunk).map_err(|source| {
+            MirrorError::Meta {
+                leg: i,
+                uri: l.uri().to_string(),
+                source,
+            }
+        })?);
+    }
+    let data_size = layouts.iter().map(|l| l.data_size).min().unwrap_or(0);
+    let uuid = *uuid::Uuid::new_v4().as_bytes();
+    let chunks = data_size.div_ceil(chunk);
+    let mut view = vec![
+        PeerRecord {
+            state: PeerState::UpToDate,
+            good_gen: 1
+        };
+        legs.len()
+    ];
+    if !assume_clean {
+        for v in view.iter_mut().skip(1) {
+            *v = PeerRecord {
+                state: PeerState::Outdated,
+                good_gen: 0,
+            };
+        }
+    }
+    let bits = AtomicBits::new(chunks);
+    if !assume_clean {
+        for c in 0..chunks {
+            bits.set(c);
+        }
+    }
+    for (i, layout) in layouts.iter().enumerate() {
+        let image = bits.to_bytes(layout.bitmap_len as usize);
+        let buf = IoBuf::new(layout.bitmap_len as usize);
+        buf.fill(&image);
+        io(
+            i,
+            LegOp::Write {
+                offset: layout.bitmap_offset(),
+                bufs: buf.bufs(layout.bitmap_len as usize),
+                fua: true,
+            },
+            &buf,
+        )?;
+        for slot in 0..2u64 {
+            let sb = Superblock {
+                uuid,
+                seq: slot + 1,
+                // An outdated leg sits at generation 0: behind leg 0, not apart from it.
+                generation: if i == 0 || assume_clean { 1 } else { 0 },
+                leg_index: i as u32,
+                chunk_size: chunk,
+                data_size,
+                clean: true,
+                legs: view.clone(),
+            };
+            let buf = IoBuf::new(SB_SIZE as usize);
+            buf.fill(&sb.encode());
+            io(
+                i,
+                LegOp::Write {
+                    offset: layout.sb_offset(slot),
+                    bufs: buf.bufs(SB_SIZE as usize),
+                    fua: true,
+                },
+                &buf,
+            )?;
+        }
+        match io(i, LegOp::Flush, &IoBuf::new(0)) {
+            Err(MirrorError::MetaIo {
+                err: LegError::Unsupported,
+                ..
+            })
+            | Ok(()) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Created {
+        uuid: uuid::Uuid::from_bytes(uuid).to_string(),
+        data_size,
+        chunk_size: chunk,
+        chunks,
+        assume_clean,
+    })
+}
