@@ -101,6 +101,29 @@ pub fn render_status(v: &Value) -> String {
     out
 }
 
+/// One line for a resync in progress (the live bar needs a terminal; this does not).
+pub fn render_resync(r: &Value) -> String {
+    let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let (done, total) = (n("done_bytes"), n("total_bytes").max(1));
+    let width = 30;
+    let filled = (done * width / total).min(width) as usize;
+    format!(
+        "resync leg {} [{}{}] {} of {} ({}%), {}/s{}",
+        n("leg"),
+        "=".repeat(filled),
+        " ".repeat(width as usize - filled),
+        human_bytes(done),
+        human_bytes(n("total_bytes")),
+        done * 100 / total,
+        human_bytes(n("rate")),
+        if r.get("paused").and_then(Value::as_bool).unwrap_or(false) {
+            " (paused)"
+        } else {
+            ""
+        }
+    )
+}
+
 fn resync_bar(r: &Value) -> ProgressBar {
     let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
     let bar = ProgressBar::new(n("total_bytes"));
@@ -138,11 +161,11 @@ fn status(args: &CtlArgs, watch: bool) -> Result<(), CtlError> {
     let Some(r) = v.get("resync").filter(|r| !r.is_null()) else {
         return Ok(());
     };
-    let bar = resync_bar(r);
+    println!("{}", render_resync(r));
     if !watch {
-        bar.abandon();
         return Ok(());
     }
+    let bar = resync_bar(r);
     loop {
         std::thread::sleep(Duration::from_millis(250));
         let v = request(&args.control, &req)?;

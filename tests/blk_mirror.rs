@@ -6,64 +6,6 @@ use common::*;
 
 use std::time::Duration;
 
-const DISK: u64 = 64 << 20;
-
-struct Rig {
-    // Fields drop in order: the daemon before its legs, the lock last.
-    daemon: Daemon,
-    legs: Vec<Nbdkit>,
-    dir: TempDir,
-    _serial: std::sync::MutexGuard<'static, ()>,
-}
-
-impl Rig {
-    /// Two nbdkit legs over image files; leg `i` gets `filters[i]` and `params[i]`.
-    fn start(name: &str, filters: [&[&str]; 2], params: [&[&str]; 2], extra: &[&str]) -> Rig {
-        let serial = exclusive();
-        let dir = TempDir::new(name);
-        let mut legs = Vec::new();
-        for i in 0..2 {
-            let img = dir.path(&format!("leg{i}.img"));
-            image(&img, DISK);
-            legs.push(Nbdkit::start(
-                &dir.path(&format!("nbd{i}.sock")),
-                &img,
-                filters[i],
-                params[i],
-            ));
-        }
-        let uris: Vec<String> = legs.iter().map(|l| l.uri()).collect();
-        create(&uris, &["--assume-clean"]);
-        let daemon = Daemon::start(&dir, &uris, extra);
-        Rig {
-            daemon,
-            legs,
-            dir,
-            _serial: serial,
-        }
-    }
-
-    fn plain(name: &str, extra: &[&str]) -> Rig {
-        Rig::start(name, [&[], &[]], [&[], &[]], extra)
-    }
-
-    fn image(&self, i: usize) -> Vec<u8> {
-        std::fs::read(self.dir.path(&format!("leg{i}.img"))).unwrap()
-    }
-
-    fn wait_leg(&self, i: usize, state: &str, limit: Duration) {
-        wait_for(&format!("leg {i} {state}"), limit, || {
-            self.daemon.leg_state(i) == state
-        });
-    }
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
-        .collect()
-}
-
 #[test]
 fn data_reads_back_and_both_legs_are_identical() {
     let mut r = Rig::plain("identical", &[]);

@@ -58,6 +58,9 @@ pub fn image(path: &Path, size: u64) {
 pub struct Nbdkit {
     pub child: Child,
     pub socket: PathBuf,
+    pub file: PathBuf,
+    filters: Vec<String>,
+    params: Vec<String>,
 }
 
 impl Nbdkit {
@@ -83,7 +86,19 @@ impl Nbdkit {
         Nbdkit {
             child,
             socket: socket.to_path_buf(),
+            file: file.to_path_buf(),
+            filters: filters.iter().map(|s| s.to_string()).collect(),
+            params: params.iter().map(|s| s.to_string()).collect(),
         }
+    }
+
+    /// Starts the server again on the same socket and file (after `kill`).
+    pub fn restart(&mut self) {
+        self.kill();
+        let f: Vec<&str> = self.filters.iter().map(String::as_str).collect();
+        let p: Vec<&str> = self.params.iter().map(String::as_str).collect();
+        let fresh = Nbdkit::start(&self.socket, &self.file, &f, &p);
+        *self = fresh;
     }
 
     pub fn uri(&self) -> String {
@@ -178,6 +193,23 @@ impl Daemon {
             .as_str()
             .unwrap()
             .to_string()
+    }
+
+    /// Waits until leg `i` is in `state`.
+    pub fn wait_leg(&self, i: usize, state: &str, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            let st = self.status();
+            if st["legs"][i]["state"] == state {
+                return;
+            }
+            assert!(
+                t0.elapsed() < limit,
+                "leg {i} not {state} after {limit:?}: {st}\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn log_text(&self) -> String {
@@ -440,4 +472,98 @@ pub fn verify_acked(c: &mut Client, acked: &[u64]) -> usize {
 pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Size of the test legs.
+pub const DISK: u64 = 64 << 20;
+
+/// Two nbdkit legs over image files in a scratch directory, and the daemon over them.
+pub struct Rig {
+    // Fields drop in order: the daemon before its legs, the lock last.
+    pub daemon: Daemon,
+    pub legs: Vec<Nbdkit>,
+    pub dir: TempDir,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Rig {
+    /// Leg `i` gets `filters[i]` and `params[i]`; `create_args` go to `vhost-mirror create`
+    /// (None: no create, e.g. to test its absence); `prepare` may fill the images first.
+    pub fn build(
+        name: &str,
+        filters: [&[&str]; 2],
+        params: [&[&str]; 2],
+        create_args: Option<&[&str]>,
+        extra: &[&str],
+        prepare: impl FnOnce(&TempDir),
+    ) -> Rig {
+        let serial = exclusive();
+        let dir = TempDir::new(name);
+        for i in 0..2 {
+            image(&dir.path(&format!("leg{i}.img")), DISK);
+        }
+        prepare(&dir);
+        let mut legs = Vec::new();
+        for i in 0..2 {
+            let img = dir.path(&format!("leg{i}.img"));
+            legs.push(Nbdkit::start(
+                &dir.path(&format!("nbd{i}.sock")),
+                &img,
+                filters[i],
+                params[i],
+            ));
+        }
+        let uris: Vec<String> = legs.iter().map(|l| l.uri()).collect();
+        if let Some(args) = create_args {
+            create(&uris, args);
+        }
+        let daemon = Daemon::start(&dir, &uris, extra);
+        Rig {
+            daemon,
+            legs,
+            dir,
+            _serial: serial,
+        }
+    }
+
+    pub fn start(name: &str, filters: [&[&str]; 2], params: [&[&str]; 2], extra: &[&str]) -> Rig {
+        Rig::build(
+            name,
+            filters,
+            params,
+            Some(&["--assume-clean"]),
+            extra,
+            |_| {},
+        )
+    }
+
+    pub fn plain(name: &str, extra: &[&str]) -> Rig {
+        Rig::start(name, [&[], &[]], [&[], &[]], extra)
+    }
+
+    pub fn uris(&self) -> Vec<String> {
+        self.legs.iter().map(|l| l.uri()).collect()
+    }
+
+    pub fn image(&self, i: usize) -> Vec<u8> {
+        std::fs::read(self.dir.path(&format!("leg{i}.img"))).unwrap()
+    }
+
+    pub fn wait_leg(&self, i: usize, state: &str, limit: Duration) {
+        self.daemon.wait_leg(i, state, limit)
+    }
+
+    /// Replaces the daemon with a fresh one over the same legs.
+    pub fn restart_daemon(&mut self, extra: &[&str]) {
+        self.daemon.stop();
+        let uris = self.uris();
+        self.daemon = Daemon::start(&self.dir, &uris, extra);
+    }
+}
+
+/// Deterministic test data.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
+        .collect()
 }

@@ -1,0 +1,342 @@
+//! Coming back from a failure without losing data: the write-intent bitmap, resync of a returning
+//! leg, generations on the legs, and never a stale read. Real peers throughout: the binary,
+//! nbdkit legs (killed, restarted, erroring), libblkio as the client.
+
+mod common;
+use common::*;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BLOCKS: u64 = 2048;
+
+fn write_pattern(c: &mut Client, seed: u64) {
+    for b in 0..BLOCKS {
+        assert_eq!(c.write(b * 4096, &stamp(b, seed)), 0, "write of block {b}");
+    }
+}
+
+fn count_not(c: &mut Client, seed: u64) -> usize {
+    (0..BLOCKS)
+        .filter(|&b| {
+            c.read(b * 4096, 4096)
+                .map_or(true, |d| d[..] != stamp(b, seed)[..])
+        })
+        .count()
+}
+
+fn ctl_json(control: &std::path::Path) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-mirror"))
+        .arg("ctl")
+        .arg("--control")
+        .arg(control)
+        .arg("--json")
+        .arg("status")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The issue's acceptance sequence: pattern 1; kill leg 1; pattern 2 while degraded; leg 1's
+/// server returns and is resynced on its own; kill leg 0; every block must read pattern 2.
+#[test]
+fn fail_return_fail_reads_no_stale_block() {
+    let mut r = Rig::plain("frf", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    write_pattern(&mut c, 1);
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    let gen_degraded = r.daemon.status()["generation"].as_u64().unwrap();
+    write_pattern(&mut c, 2);
+    assert!(r.daemon.status()["dirty_chunks"].as_u64().unwrap() >= 8);
+    // The server comes back; the daemon finds it by itself (backoff retry) and resyncs.
+    r.legs[1].restart();
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    let st = ctl_json(&r.daemon.control);
+    assert_eq!(st["legs"][0]["state"], "uptodate", "{st}");
+    assert_eq!(st["legs"][1]["state"], "uptodate", "{st}");
+    assert!(st["resync"].is_null());
+    assert!(st["generation"].as_u64().unwrap() >= gen_degraded);
+    r.legs[0].kill();
+    r.wait_leg(0, "failed", Duration::from_secs(5));
+    let stale = count_not(&mut c, 2);
+    eprintln!("fail-return-fail: {stale} stale blocks of {BLOCKS}");
+    assert_eq!(stale, 0, "blocks read back stale after fail-return-fail");
+}
+
+/// Only the chunks written while degraded are copied, and the legs match afterwards.
+#[test]
+fn resync_copies_only_dirty_chunks() {
+    let mut r = Rig::plain("dirty", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    write_pattern(&mut c, 1);
+    // Bits of chunks every leg holds are cleared lazily; wait for a clean bitmap.
+    let t0 = Instant::now();
+    while r.daemon.status()["dirty_chunks"].as_u64().unwrap() != 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "bitmap never cleared"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    // Three chunks of 1 MiB: 5, 6 and 7 (a block in each).
+    for chunk in [5u64, 6, 7] {
+        assert_eq!(c.write(chunk << 20, &pattern(chunk, 4096)), 0);
+    }
+    assert_eq!(r.daemon.status()["dirty_chunks"], 3);
+    r.legs[1].restart();
+    assert_eq!(
+        ctl(&r.daemon.control, r#"{"cmd":"re-add","leg":1}"#)["ok"],
+        true
+    );
+    r.wait_leg(1, "uptodate", Duration::from_secs(20));
+    let log = r.daemon.log_text();
+    assert!(
+        log.contains("resyncing 3 dirty chunks (3145728 bytes)"),
+        "{log}"
+    );
+    assert!(log.contains("3145728 bytes copied"), "{log}");
+    drop(c);
+    r.daemon.terminate();
+    let (a, b) = (r.image(0), r.image(1));
+    let end = (DISK - 3 * 4096) as usize;
+    assert!(a[..end] == b[..end], "legs differ after resync");
+    assert_eq!(&b[5 << 20..(5 << 20) + 4096], &pattern(5, 4096)[..]);
+}
+
+/// Guest writes while a slow resync copies chunks survive it: nothing older lands over them.
+#[test]
+fn guest_writes_during_resync_survive() {
+    // A fresh mirror (not assumed clean): leg 0 is copied to leg 1 at start, slowly.
+    let mut r = Rig::build(
+        "during",
+        [&[], &[]],
+        [&[], &[]],
+        Some(&[]),
+        &["--resync-rate", "16M"],
+        |dir| std::fs::write(dir.path("leg0.img"), pattern(77, DISK as usize)).unwrap(),
+    );
+    let mut c = Client::connect(&r.daemon.socket, 16);
+    let st = r.daemon.status();
+    assert_eq!(st["legs"][1]["state"], "resyncing", "{st}");
+    // `ctl status` shows the resync with a progress bar.
+    let out = Command::new(env!("CARGO_BIN_EXE_vhost-mirror"))
+        .args(["ctl", "--control"])
+        .arg(&r.daemon.control)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("resyncing") && text.contains("resync leg 1"),
+        "{text}"
+    );
+    let rep = stamped_workload(&mut c, 8192, 16, Duration::from_secs(3), |_| {});
+    assert_eq!(rep.errors, 0);
+    assert!(
+        r.daemon.status()["resync"].is_object(),
+        "resync should still run after the workload"
+    );
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    assert_eq!(
+        verify_acked(&mut c, &rep.acked),
+        0,
+        "guest writes lost to the resync"
+    );
+    drop(c);
+    r.daemon.terminate();
+    let (a, b) = (r.image(0), r.image(1));
+    let end = (DISK - 3 * 4096) as usize;
+    let differ = (0..end / 4096)
+        .filter(|&k| a[k * 4096..(k + 1) * 4096] != b[k * 4096..(k + 1) * 4096])
+        .count();
+    assert_eq!(
+        differ, 0,
+        "{differ} blocks differ between the legs after the resync"
+    );
+    // Blocks the workload did not touch hold leg 0's original data on both legs.
+    let untouched = (0..end / 4096)
+        .find(|&k| k >= rep.acked.len() || rep.acked[k] == 0)
+        .unwrap();
+    assert_eq!(
+        &b[untouched * 4096..(untouched + 1) * 4096],
+        &pattern(77, DISK as usize)[untouched * 4096..(untouched + 1) * 4096]
+    );
+}
+
+/// The daemon dies (SIGKILL) while degraded; on restart it picks the current leg by generation
+/// and resyncs the other.
+#[test]
+fn restart_while_degraded_picks_the_current_leg() {
+    let mut r = Rig::plain("restart", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    write_pattern(&mut c, 1);
+    r.legs[0].kill();
+    r.wait_leg(0, "failed", Duration::from_secs(5));
+    write_pattern(&mut c, 2);
+    drop(c);
+    r.daemon.stop();
+    r.legs[0].restart();
+    r.restart_daemon(&[]);
+    // Leg 1 is current: leg 0 (stale, pattern 1) is resynced from it.
+    r.wait_leg(0, "uptodate", Duration::from_secs(30));
+    let log = r.daemon.log_text();
+    assert!(log.contains("current legs [1], to resync [0]"), "{log}");
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(count_not(&mut c, 2), 0, "stale blocks after restart");
+}
+
+/// Each leg advanced alone: the daemon refuses to start until told which leg wins.
+#[test]
+fn split_brain_is_refused() {
+    let mut r = Rig::plain("split", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(0, &pattern(1, 4096)), 0);
+    drop(c);
+    r.daemon.terminate();
+    // Both legs in step; keep their images.
+    let snap: Vec<Vec<u8>> = (0..2).map(|i| r.image(i)).collect();
+    let imgs: Vec<_> = (0..2).map(|i| r.dir.path(&format!("leg{i}.img"))).collect();
+    let img = |i: usize| imgs[i].clone();
+    // Run 1: leg 1 dies, leg 0 is written alone.
+    r.restart_daemon(&[]);
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(0, &pattern(2, 4096)), 0);
+    drop(c);
+    r.daemon.terminate();
+    let leg0_run1 = r.image(0);
+    // Run 2, from the same starting point: leg 0 dies, leg 1 is written alone.
+    r.legs[0].kill();
+    std::fs::write(img(0), &snap[0]).unwrap();
+    std::fs::write(img(1), &snap[1]).unwrap();
+    r.legs[0].restart();
+    r.legs[1].restart();
+    r.restart_daemon(&["--no-reconnect"]);
+    r.legs[0].kill();
+    r.wait_leg(0, "failed", Duration::from_secs(5));
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(0, &pattern(3, 4096)), 0);
+    drop(c);
+    r.daemon.terminate();
+    // Now put run 1's leg 0 beside run 2's leg 1.
+    std::fs::write(img(0), &leg0_run1).unwrap();
+    r.legs[0].restart();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vhost-mirror"));
+    cmd.arg("blk").arg("--socket").arg(r.dir.path("split.sock"));
+    for u in r.uris() {
+        cmd.arg("--leg").arg(u);
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("split brain") && err.contains("--force-current"),
+        "{err}"
+    );
+    assert!(err.contains("generation"), "{err}");
+    // The operator picks leg 1: its data wins and leg 0 is resynced from it.
+    r.restart_daemon(&["--force-current", "1"]);
+    r.wait_leg(0, "uptodate", Duration::from_secs(30));
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(3, 4096));
+}
+
+/// The last current leg dies while the other is still resyncing: chunks already copied read
+/// fine, the rest fail with an I/O error rather than stale data.
+#[test]
+fn last_current_leg_lost_mid_resync() {
+    let r = Rig::build(
+        "midresync",
+        [&[], &[]],
+        [&[], &[]],
+        Some(&[]),
+        &["--resync-rate", "8M"],
+        |dir| std::fs::write(dir.path("leg0.img"), pattern(5, DISK as usize)).unwrap(),
+    );
+    let mut r = r;
+    let t0 = Instant::now();
+    loop {
+        let st = r.daemon.status();
+        if st["resync"]["done_bytes"].as_u64().unwrap_or(0) >= 8 << 20 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "resync did not progress: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    r.legs[0].kill();
+    r.wait_leg(0, "failed", Duration::from_secs(5));
+    assert_eq!(r.daemon.status()["legs"][1]["state"], "resyncing");
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    let want = pattern(5, DISK as usize);
+    // Chunk 0 was copied: correct data. Chunk 60 was not: an error, never leg 1's blank data.
+    assert_eq!(c.read(4096, 4096).unwrap(), want[4096..8192]);
+    assert!(
+        c.read(60 << 20, 4096).is_err(),
+        "unsynced chunk must not be served"
+    );
+    // Writes still work on the leg that is left.
+    assert_eq!(c.write(4096, &pattern(6, 4096)), 0);
+    assert_eq!(c.read(4096, 4096).unwrap(), pattern(6, 4096));
+}
+
+/// A read that fails on one leg is served from the other, and the good data is written back to
+/// the failing leg.
+#[test]
+fn read_error_is_repaired_from_the_other_leg() {
+    let trig = TempDir::new("repair-trigger");
+    let trigger = trig.path("fail-reads");
+    let param = format!("error-file={}", trigger.display());
+    let r = Rig::start(
+        "repair",
+        [&["error"], &[]],
+        [&["error-pread-rate=100%", &param], &[]],
+        &["--read-policy", "primary"],
+    );
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    let off = 3u64 << 20;
+    assert_eq!(c.write(off, &pattern(4, 4096)), 0);
+    // Rot the block on leg 0 behind the daemon's back, then make leg 0's reads fail.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(r.dir.path("leg0.img"))
+            .unwrap();
+        f.seek(SeekFrom::Start(off)).unwrap();
+        f.write_all(&[0xEE; 4096]).unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::write(&trigger, b"").unwrap();
+    assert_eq!(c.read(off, 4096).unwrap(), pattern(4, 4096));
+    let t0 = Instant::now();
+    while !r.daemon.log_text().contains("chunk 3 repaired from leg 1") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "no repair: {}",
+            r.daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let a = r.image(0);
+    assert_eq!(
+        &a[off as usize..off as usize + 4096],
+        &pattern(4, 4096)[..],
+        "leg 0 not repaired"
+    );
+    assert_eq!(r.daemon.status()["legs"][0]["state"], "uptodate");
+}
