@@ -574,10 +574,13 @@ impl<C: Send + 'static> BlockMirror<C> {
         Ok(())
     }
 
-    /// Ejects leg `index` by operator request (fault drills).
+    /// Ejects leg `index` by operator request (fault drills). It stays out until [`Self::re_add`].
     pub fn fail_leg(&self, index: usize) -> Result<(), MirrorError> {
         self.check_leg(index)?;
         self.inner.eject(index, "failed by operator");
+        if self.inner.md().is_some() {
+            let _ = self.inner.worker.send(Cmd::Hold(index));
+        }
         Ok(())
     }
 

@@ -37,6 +37,8 @@ pub(crate) enum Cmd {
     Repair { leg: usize, chunks: Range<u64> },
     /// Try to bring a failed leg back now.
     ReAdd(usize),
+    /// Keep a failed leg out until an operator re-adds it (it was failed on purpose).
+    Hold(usize),
     /// Flush, mark clean if in sync, and answer.
     Shutdown(Sender<()>),
 }
@@ -67,6 +69,8 @@ struct Retry {
     refused: bool,
     /// An operator asked for a try (also when automatic reconnection is off).
     manual: bool,
+    /// A reconnection attempt is running (on its own thread: it can take a connect timeout).
+    busy: Arc<AtomicBool>,
 }
 
 /// Metadata state of a running mirror.
@@ -308,6 +312,7 @@ pub(crate) fn load<C: Send + 'static>(inner: &Inner<C>) -> Result<Startup, Mirro
                     backoff: Duration::from_secs(1),
                     refused: false,
                     manual: false,
+                    busy: Arc::new(AtomicBool::new(false)),
                 })
                 .collect(),
         ),
@@ -1001,6 +1006,11 @@ pub(crate) fn worker<C: Send + 'static>(mirror: Weak<Inner<C>>, rx: Receiver<Cmd
                     r[leg].manual = true;
                 }
             }
+            Some(Cmd::Hold(leg)) => {
+                if let Ok(mut r) = md.retry.lock() {
+                    r[leg].refused = true;
+                }
+            }
             Some(Cmd::Shutdown(tx)) => {
                 shutdown(&inner, md);
                 let _ = tx.send(());
@@ -1018,23 +1028,37 @@ pub(crate) fn worker<C: Send + 'static>(mirror: Weak<Inner<C>>, rx: Receiver<Cmd
             last_sweep = Instant::now();
             sweep(&inner, md, false);
         }
-        let due: Vec<usize> = match md.retry.lock() {
+        let due: Vec<(usize, Arc<AtomicBool>)> = match md.retry.lock() {
             Ok(mut r) => (0..inner.legs.len())
-                .filter(|&i| {
+                .filter_map(|i| {
                     let due = inner.legs[i].state() == LegState::Failed
                         && (inner.cfg.reconnect || r[i].manual)
                         && !r[i].refused
-                        && r[i].next <= Instant::now();
+                        && r[i].next <= Instant::now()
+                        && !r[i].busy.load(Ordering::SeqCst);
                     if due {
                         r[i].manual = false;
+                        r[i].busy.store(true, Ordering::SeqCst);
+                        Some((i, r[i].busy.clone()))
+                    } else {
+                        None
                     }
-                    due
                 })
                 .collect(),
             Err(_) => Vec::new(),
         };
-        for leg in due {
-            try_return(&inner, md, leg);
+        for (leg, busy) in due {
+            // Off the worker: a connect can take its timeout, and ejections must not wait on it.
+            let me = inner.clone();
+            let spawned = thread::Builder::new().name("mirror-return".into()).spawn(move || {
+                if let Some(md) = me.md() {
+                    try_return(&me, md, leg);
+                }
+                busy.store(false, Ordering::SeqCst);
+            });
+            if spawned.is_err() {
+                warn!("cannot start a reconnection thread for leg {leg}");
+            }
         }
     }
 }
