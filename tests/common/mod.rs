@@ -412,8 +412,8 @@ pub fn stamped_workload(
         during(elapsed);
         let submitting = elapsed < dur;
         if submitting {
-            for slot in 0..qd {
-                if slot_req[slot].is_some() {
+            for (slot, req) in slot_req.iter_mut().enumerate() {
+                if req.is_some() {
                     continue;
                 }
                 let block = loop {
@@ -424,7 +424,7 @@ pub fn stamped_workload(
                 };
                 seq += 1;
                 busy[block as usize] = true;
-                slot_req[slot] = Some((block, seq));
+                *req = Some((block, seq));
                 let data = stamp(block, seq);
                 c.slice(slot, 4096).copy_from_slice(&data);
                 c.q.write(block * 4096, c.buf(slot), 4096, slot, ReqFlags::empty());

@@ -282,7 +282,7 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
             if !is_in && limits.read_only {
                 return Err(fail(Reason::ReadOnly));
             }
-            if data_len % SECTOR_SIZE != 0 {
+            if !data_len.is_multiple_of(SECTOR_SIZE) {
                 return Err(fail(Reason::Unaligned(data_len)));
             }
             check_range(sector, data_len / SECTOR_SIZE)?;
