@@ -293,45 +293,19 @@ mod tests {
 
     #[test]
     fn bad_arguments_name_the_problem() {
-        let e = parse(&["vhost-mirror", "blk", "--socket", "/s", "--leg", "disk.img"]).unwrap_err();
-        assert!(e.contains("invalid leg 'disk.img'"), "{e}");
-        let e = parse(&["vhost-mirror", "blk", "--socket", "/s"]).unwrap_err();
-        assert!(e.contains("--leg"), "{e}");
-        let e = parse(&[
-            "vhost-mirror",
-            "blk",
-            "--socket",
-            "/s",
-            "--leg",
-            "null:1M",
-            "--io-timeout",
-            "0",
-        ])
-        .unwrap_err();
-        assert!(e.contains("--io-timeout"), "{e}");
-        let e = parse(&[
-            "vhost-mirror",
-            "blk",
-            "--socket",
-            "/s",
-            "--leg",
-            "null:1M",
-            "--serial",
-            "123456789012345678901",
-        ])
-        .unwrap_err();
-        assert!(e.contains("at most 20"), "{e}");
-        let e = parse(&[
-            "vhost-mirror",
-            "blk",
-            "--socket",
-            "/s",
-            "--leg",
-            "null:1M",
-            "--read-policy",
-            "best",
-        ])
-        .unwrap_err();
-        assert!(e.contains("unknown read policy 'best'"), "{e}");
+        let blk = ["vhost-mirror", "blk", "--socket", "/s"];
+        let cases: [(&[&str], &str); 5] = [
+            (&["--leg", "disk.img"], "invalid leg 'disk.img'"),
+            (&[], "--leg"),
+            (&["--leg", "null:1M", "--io-timeout", "0"], "--io-timeout"),
+            (&["--leg", "null:1M", "--serial", "123456789012345678901"], "at most 20"),
+            (&["--leg", "null:1M", "--read-policy", "best"], "unknown read policy 'best'"),
+        ];
+        for (extra, want) in cases {
+            let args: Vec<&str> = blk.iter().chain(extra).copied().collect();
+            let e = parse(&args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
     }
+
 }
