@@ -270,22 +270,31 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path, slots: usize) -> Client {
+        Client::connect_queues(socket, slots, 1).0
+    }
+
+    /// A client using `queues` virtqueues; the extra queues come back beside it.
+    pub fn connect_queues(socket: &Path, slots: usize, queues: i32) -> (Client, Vec<Blkioq>) {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
         blkio.set_str("path", socket.to_str().unwrap()).unwrap();
         blkio.connect().expect("libblkio connect");
-        blkio.set_i32("num-queues", 1).unwrap();
+        blkio.set_i32("num-queues", queues).unwrap();
         let mut started = blkio.start().expect("libblkio start");
         let q = started.queues.remove(0);
+        let extra = started.queues;
         let region = blkio.alloc_mem_region(slots * SLOT).unwrap();
         blkio.map_mem_region(&region).unwrap();
         let capacity = blkio.get_u64("capacity").unwrap();
-        Client {
-            blkio,
-            q,
-            region,
-            capacity,
-            slots,
-        }
+        (
+            Client {
+                blkio,
+                q,
+                region,
+                capacity,
+                slots,
+            },
+            extra,
+        )
     }
 
     pub fn buf(&self, slot: usize) -> *mut u8 {
