@@ -301,6 +301,9 @@ pub(crate) struct Entry<C> {
     tried: Mask,
     /// Legs whose read failed with a device error: their chunk gets repaired.
     bad_read: Mask,
+    /// Legs whose write failed with a device error: ejected when the request settles, if
+    /// another leg took the write.
+    write_failed: Mask,
     error: Option<LegError>,
     sent_at: Instant,
 }
@@ -344,6 +347,22 @@ pub(crate) struct Inner<C> {
 /// A finished guest request, answered after the request table's lock is released so the handler
 /// may take its own locks.
 type Done<C> = SmallVec<[(C, IoStatus); 2]>;
+
+/// What to do once the request table's lock is released: legs to abort (an abort may complete
+/// requests inline, which takes the lock) and answers to hand out.
+struct After<C> {
+    aborts: SmallVec<[(usize, String); 2]>,
+    done: Done<C>,
+}
+
+impl<C> After<C> {
+    fn new() -> Self {
+        After {
+            aborts: SmallVec::new(),
+            done: SmallVec::new(),
+        }
+    }
+}
 /// Requests to send (a read moving to another leg), sent after the lock is released.
 type Resend = SmallVec<[(usize, LegRequest); 2]>;
 
@@ -885,6 +904,7 @@ impl<C: Send + 'static> Inner<C> {
                 unsupported: 0,
                 tried: targets,
                 bad_read: 0,
+                write_failed: 0,
                 error: None,
                 sent_at: Instant::now(),
             }) as Tag
@@ -939,7 +959,7 @@ impl<C: Send + 'static> Inner<C> {
         // A connection that has been replaced can still report its aborted requests; they count
         // for the request's bookkeeping but say nothing about the new connection.
         let stale_conn = epoch != l.epoch.load(Ordering::SeqCst);
-        let mut done: Done<C> = SmallVec::new();
+        let mut after = After::new();
         let mut resend: Resend = SmallVec::new();
         let mut eject: Option<String> = None;
         let mut repair: Option<(usize, Range<u64>)> = None;
@@ -977,17 +997,16 @@ impl<C: Send + 'static> Inner<C> {
                         l.errors.fetch_add(1, Ordering::Relaxed);
                     } else {
                         l.record_error(format!("{} failed: {err}", e.op.name()));
-                        // A read error on a working leg is a bad block, not a dead leg: the read
-                        // moves on, the leg stays and the block is repaired. A failed write leaves
-                        // the leg behind the others, and a lost connection leaves it unusable:
-                        // both eject it, unless it is the last current leg and the error is the
-                        // device's answer, where ejecting would only turn one failed request into
-                        // a dead disk.
-                        let last = self.up_to_date() == bit(leg);
-                        if err.is_fatal() || (!e.is_read() && !internal && !last) {
+                        // A lost connection leaves the leg unusable: out at once. A read error on
+                        // a working leg is a bad block, not a dead leg: the read moves on, the leg
+                        // stays and the block is repaired. A failed write is judged when the
+                        // request settles (see `settle`).
+                        if err.is_fatal() {
                             eject = Some(format!("{} failed: {err}", e.op.name()));
                         } else if e.is_read() && !internal {
                             e.bad_read |= bit(leg);
+                        } else if !internal {
+                            e.write_failed |= bit(leg);
                         }
                     }
                 }
@@ -1015,15 +1034,10 @@ impl<C: Send + 'static> Inner<C> {
                     repair = Some((e.bad_read.trailing_zeros() as usize, range));
                 }
             }
-            self.settle(&mut reqs, tag as usize, &mut done);
-            if let Some(reason) = &eject {
-                if !self.mark_failed(leg, reason, &mut reqs, &mut done) {
-                    eject = None;
-                }
+            if let Some(reason) = eject.take() {
+                self.mark_failed(leg, &reason, &mut reqs, &mut after);
             }
-        }
-        if let Some(reason) = eject {
-            self.legs[leg].handle().abort(&reason);
+            self.settle(&mut reqs, tag as usize, &mut after);
         }
         if let Some((bad, range)) = repair {
             let _ = self.worker.send(Cmd::Repair {
@@ -1038,15 +1052,27 @@ impl<C: Send + 'static> Inner<C> {
             );
             self.send(next, req.tag, req.op);
         }
-        for (ctx, status) in done {
+        self.run_after(after);
+    }
+
+    fn run_after(&self, after: After<C>) {
+        for (leg, reason) in after.aborts {
+            self.legs[leg].handle().abort(&reason);
+        }
+        for (ctx, status) in after.done {
             (self.handler)(ctx, status);
         }
     }
 
     /// Answers the request once no leg it waits for is left, and forgets it once no leg holds
-    /// its buffers.
-    fn settle(&self, reqs: &mut Slab<Entry<C>>, key: usize, done: &mut Done<C>) {
+    /// its buffers. A write that some leg took and others failed ejects the ones that failed
+    /// (they are now behind) before it is answered, so the answer waits for the generation bump;
+    /// a write no leg took is an error for the guest and ejects nobody, since ejecting would
+    /// only turn one failed request into a dead disk.
+    fn settle(&self, reqs: &mut Slab<Entry<C>>, key: usize, after: &mut After<C>) {
         let Some(e) = reqs.get_mut(key) else { return };
+        let mut answer = None;
+        let mut behind: Mask = 0;
         if e.waiting == 0 {
             let status = if e.ok != 0 {
                 IoStatus::Ok
@@ -1061,7 +1087,10 @@ impl<C: Send + 'static> Inner<C> {
                         if let Some(md) = self.md() {
                             md.chunks.end(std::mem::replace(&mut e.chunks, 0..0));
                         }
-                        self.answer(ctx, status, !e.is_read(), done);
+                        if e.ok != 0 {
+                            behind = e.write_failed;
+                        }
+                        answer = Some((ctx, status, !e.is_read()));
                     }
                 }
                 Origin::Internal(tx) => {
@@ -1078,12 +1107,27 @@ impl<C: Send + 'static> Inner<C> {
                 }
             }
         }
-        let finished = match &e.origin {
-            Origin::Guest(c) => c.is_none(),
-            Origin::Internal(t) => t.is_none(),
-        };
-        if e.outstanding == 0 && finished {
+        let reason = e
+            .error
+            .as_ref()
+            .map(|err| format!("{} failed: {err}", e.op.name()))
+            .unwrap_or_default();
+        if e.outstanding == 0
+            && match &e.origin {
+                Origin::Guest(c) => c.is_none(),
+                Origin::Internal(t) => t.is_none(),
+            }
+        {
             reqs.remove(key);
+        }
+        let mut left = behind;
+        while left != 0 {
+            let leg = left.trailing_zeros() as usize;
+            left &= !bit(leg);
+            self.mark_failed(leg, &reason, reqs, after);
+        }
+        if let Some((ctx, status, write)) = answer {
+            self.answer(ctx, status, write, &mut after.done);
         }
     }
 
@@ -1128,7 +1172,7 @@ impl<C: Send + 'static> Inner<C> {
         leg: usize,
         reason: &str,
         reqs: &mut Slab<Entry<C>>,
-        done: &mut Done<C>,
+        after: &mut After<C>,
     ) -> bool {
         let l = &self.legs[leg];
         let before = l.state();
@@ -1146,6 +1190,7 @@ impl<C: Send + 'static> Inner<C> {
         }
         warn!("leg {leg} {} ejected ({before} before): {reason}", l.uri);
         l.record_error(format!("ejected: {reason}"));
+        after.aborts.push((leg, reason.to_string()));
         let keys: SmallVec<[usize; 64]> = reqs
             .iter()
             .filter(|(_, e)| {
@@ -1157,7 +1202,7 @@ impl<C: Send + 'static> Inner<C> {
             if let Some(e) = reqs.get_mut(k) {
                 e.waiting &= !bit(leg);
             }
-            self.settle(reqs, k, done);
+            self.settle(reqs, k, after);
         }
         if self.up_to_date() == 0 {
             warn!("no up-to-date leg left: guest I/O to unsynced data fails until a leg returns");
@@ -1169,17 +1214,11 @@ impl<C: Send + 'static> Inner<C> {
     }
 
     pub(crate) fn eject(&self, leg: usize, reason: &str) {
-        let mut done: Done<C> = SmallVec::new();
-        let ejected = match self.reqs.lock() {
-            Ok(mut reqs) => self.mark_failed(leg, reason, &mut reqs, &mut done),
-            Err(_) => false,
-        };
-        if ejected {
-            self.legs[leg].handle().abort(reason);
+        let mut after = After::new();
+        if let Ok(mut reqs) = self.reqs.lock() {
+            self.mark_failed(leg, reason, &mut reqs, &mut after);
         }
-        for (ctx, status) in done {
-            (self.handler)(ctx, status);
-        }
+        self.run_after(after);
     }
 
     /// Ejects legs that died on their own or sit on a request past the timeout.

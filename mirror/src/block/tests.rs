@@ -307,3 +307,32 @@ fn fail_leg_checks_the_index() {
         Err(MirrorError::NoSuchLeg(2, 1))
     ));
 }
+
+#[test]
+fn a_write_no_leg_took_fails_and_ejects_nobody() {
+    let r = rig(10_000);
+    let mut buf = vec![0u8; 512];
+    r.legs[0].set(Mode::Fail);
+    r.legs[1].set(Mode::Fail);
+    r.mirror.submit(write_op(&mut buf), None, 1);
+    assert_eq!(wait(&r), (1, IoStatus::IoError));
+    let st = r.mirror.status();
+    assert_eq!(st.legs[0].state, LegState::UpToDate);
+    assert_eq!(st.legs[1].state, LegState::UpToDate);
+}
+
+#[test]
+fn a_write_one_leg_took_ejects_the_leg_that_failed_it_even_when_it_answered_first() {
+    let r = rig(10_000);
+    let mut buf = vec![0u8; 512];
+    r.legs[0].set(Mode::Fail);
+    r.legs[1].set(Mode::Hold);
+    r.mirror.submit(write_op(&mut buf), None, 1);
+    // Leg 0 failed; the verdict waits for leg 1.
+    assert!(r.done.recv_timeout(Duration::from_millis(50)).is_err());
+    assert_eq!(r.mirror.status().legs[0].state, LegState::UpToDate);
+    let tag = r.legs[1].held.lock().unwrap().pop().unwrap();
+    r.legs[1].sink.complete(tag, Ok(()));
+    assert_eq!(wait(&r), (1, IoStatus::Ok));
+    assert_eq!(r.mirror.status().legs[0].state, LegState::Failed);
+}
