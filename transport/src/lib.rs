@@ -8,6 +8,7 @@
 pub mod block;
 pub mod file;
 pub mod nbd;
+pub mod net;
 pub mod null;
 pub mod spec;
 

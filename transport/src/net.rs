@@ -1,0 +1,467 @@
+//! Network paths: one way out of the host for a guest's frames.
+//!
+//! `tap:NAME` is a TAP device (created, or attached if it exists), `packet:IFNAME` a raw AF_PACKET
+//! socket bound to a NIC. Both are non-blocking and expose a file descriptor that is readable when
+//! frames wait, so the caller's event loop decides when to read. Plain non-blocking I/O rather than
+//! io_uring: a frame is one system call either way, and the event loop is already epoll.
+//!
+//! For drills a path can hurt itself on send (`?drop=PERCENT&reorder=PERCENT`): the host kernel
+//! here has no netem.
+
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// Largest frame a path moves (jumbo frames plus a PRP trailer and a VLAN tag).
+pub const MAX_FRAME: usize = 9216 + 64;
+
+/// Why a path could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PathError {
+    #[error("invalid path '{spec}': {reason} (expected tap:NAME or packet:IFNAME, options ?drop=PCT&reorder=PCT)")]
+    Spec { spec: String, reason: String },
+    #[error("path {spec}: {source}")]
+    Io {
+        spec: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Faults a path injects on send, for drills.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Faults {
+    /// Percentage of frames silently dropped.
+    pub drop_pct: f64,
+    /// Percentage of frames held back and sent after the next one.
+    pub reorder_pct: f64,
+}
+
+/// What kind of path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathKind {
+    Tap(String),
+    Packet(String),
+}
+
+/// A parsed path spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathSpec {
+    pub kind: PathKind,
+    pub faults: Faults,
+}
+
+impl fmt::Display for PathSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            PathKind::Tap(n) => write!(f, "tap:{n}")?,
+            PathKind::Packet(n) => write!(f, "packet:{n}")?,
+        }
+        let mut sep = '?';
+        if self.faults.drop_pct > 0.0 {
+            write!(f, "{sep}drop={}", self.faults.drop_pct)?;
+            sep = '&';
+        }
+        if self.faults.reorder_pct > 0.0 {
+            write!(f, "{sep}reorder={}", self.faults.reorder_pct)?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for PathSpec {
+    type Err = PathError;
+    fn from_str(spec: &str) -> Result<Self, PathError> {
+        let err = |reason: &str| PathError::Spec {
+            spec: spec.to_string(),
+            reason: reason.to_string(),
+        };
+        let (head, query) = spec.split_once('?').unwrap_or((spec, ""));
+        let (scheme, name) = head.split_once(':').ok_or_else(|| err("no scheme"))?;
+        if name.is_empty() || name.len() > 15 || name.contains(['/', ' ']) {
+            return Err(err(
+                "interface names are 1 to 15 characters, no '/' or spaces",
+            ));
+        }
+        let kind = match scheme {
+            "tap" => PathKind::Tap(name.to_string()),
+            "packet" => PathKind::Packet(name.to_string()),
+            _ => return Err(err("unknown scheme")),
+        };
+        let mut faults = Faults::default();
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| err("option without '='"))?;
+            let pct: f64 = v
+                .parse()
+                .ok()
+                .filter(|p: &f64| (0.0..=100.0).contains(p))
+                .ok_or_else(|| err(&format!("{k} takes a percentage from 0 to 100")))?;
+            match k {
+                "drop" => faults.drop_pct = pct,
+                "reorder" => faults.reorder_pct = pct,
+                _ => return Err(err(&format!("unknown option '{k}'"))),
+            }
+        }
+        Ok(PathSpec { kind, faults })
+    }
+}
+
+/// One network path.
+pub struct NetPath {
+    spec: PathSpec,
+    ifname: String,
+    io: PathIo,
+    rng: AtomicU64,
+    held: Mutex<Option<Vec<u8>>>,
+}
+
+enum PathIo {
+    Tap(tun_rs::SyncDevice),
+    Packet(OwnedFd),
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn ifindex(name: &str) -> io::Result<u32> {
+    let c =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
+    let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if idx == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface {name}"),
+        ));
+    }
+    Ok(idx)
+}
+
+fn open_packet(name: &str) -> io::Result<OwnedFd> {
+    let idx = ifindex(name)?;
+    let proto = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: plain socket(2) call; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_PACKET,
+            libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            i32::from(proto),
+        )
+    };
+    if fd < 0 {
+        return Err(errno());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_ll is plain old data; all-zero is a valid starting value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = proto;
+    sll.sll_ifindex = idx as i32;
+    // SAFETY: sll is a valid sockaddr_ll and its size is passed.
+    let rc = unsafe {
+        libc::bind(
+            fd,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        )
+    };
+    if rc < 0 {
+        return Err(errno());
+    }
+    // Frames we send ourselves must not come back as received ones.
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a c_int option value and its size. PACKET_IGNORE_OUTGOING = 23.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            23,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        )
+    };
+    Ok(owned)
+}
+
+impl NetPath {
+    /// Opens the path `spec`.
+    pub fn open(spec: &PathSpec) -> Result<NetPath, PathError> {
+        let wrap = |source| PathError::Io {
+            spec: spec.to_string(),
+            source,
+        };
+        let (io, ifname) = match &spec.kind {
+            PathKind::Tap(name) => {
+                let dev = tun_rs::DeviceBuilder::new()
+                    .name(name.clone())
+                    .layer(tun_rs::Layer::L2)
+                    .packet_information(false)
+                    .enable(true)
+                    .build_sync()
+                    .map_err(wrap)?;
+                dev.set_nonblocking(true).map_err(wrap)?;
+                (PathIo::Tap(dev), name.clone())
+            }
+            PathKind::Packet(name) => (
+                PathIo::Packet(open_packet(name).map_err(wrap)?),
+                name.clone(),
+            ),
+        };
+        Ok(NetPath {
+            spec: spec.clone(),
+            ifname,
+            io,
+            rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
+            held: Mutex::new(None),
+        })
+    }
+
+    /// The spec the path was opened from.
+    pub fn spec(&self) -> &PathSpec {
+        &self.spec
+    }
+
+    /// The interface name.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// Readable when frames wait.
+    pub fn fd(&self) -> RawFd {
+        match &self.io {
+            PathIo::Tap(d) => d.as_raw_fd(),
+            PathIo::Packet(fd) => fd.as_raw_fd(),
+        }
+    }
+
+    fn roll(&self, pct: f64) -> bool {
+        if pct <= 0.0 {
+            return false;
+        }
+        let mut x = self.rng.load(Ordering::Relaxed);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.store(x, Ordering::Relaxed);
+        (x % 10_000) as f64 / 100.0 < pct
+    }
+
+    fn raw_send(&self, frame: &[u8]) -> io::Result<()> {
+        let n = match &self.io {
+            PathIo::Tap(d) => d.send(frame)?,
+            PathIo::Packet(fd) => {
+                // SAFETY: frame is a valid readable slice; fd is our bound packet socket.
+                let n =
+                    unsafe { libc::send(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+                if n < 0 {
+                    return Err(errno());
+                }
+                n as usize
+            }
+        };
+        if n != frame.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "short frame write",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Sends one frame without blocking; `WouldBlock` means the path is congested.
+    pub fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let f = self.spec.faults;
+        if self.roll(f.drop_pct) {
+            return Ok(());
+        }
+        if f.reorder_pct > 0.0 {
+            let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+            if held.is_none() && self.roll(f.reorder_pct) {
+                *held = Some(frame.to_vec());
+                return Ok(());
+            }
+            let late = held.take();
+            drop(held);
+            self.raw_send(frame)?;
+            if let Some(late) = late {
+                self.raw_send(&late)?;
+            }
+            return Ok(());
+        }
+        self.raw_send(frame)
+    }
+
+    /// Receives one frame without blocking.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        match &self.io {
+            PathIo::Tap(d) => d.recv(buf),
+            PathIo::Packet(fd) => {
+                // SAFETY: buf is a valid writable slice; fd is our bound packet socket.
+                let n = unsafe {
+                    libc::recv(
+                        fd.as_raw_fd(),
+                        buf.as_mut_ptr().cast(),
+                        buf.len(),
+                        libc::MSG_TRUNC,
+                    )
+                };
+                if n < 0 {
+                    return Err(errno());
+                }
+                if n as usize > buf.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "frame larger than the buffer",
+                    ));
+                }
+                Ok(n as usize)
+            }
+        }
+    }
+
+    /// Whether the interface has carrier (the cable, the peer, the switch port are there).
+    pub fn link_up(&self) -> bool {
+        link_up(&self.ifname)
+    }
+
+    /// The interface's MTU.
+    pub fn mtu(&self) -> io::Result<u32> {
+        let s = std::fs::read_to_string(format!("/sys/class/net/{}/mtu", self.ifname))?;
+        s.trim()
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad mtu"))
+    }
+}
+
+/// Carrier of interface `name`, from sysfs (an administratively down interface has none).
+pub fn link_up(name: &str) -> bool {
+    let oper =
+        std::fs::read_to_string(format!("/sys/class/net/{name}/operstate")).unwrap_or_default();
+    let carrier =
+        std::fs::read_to_string(format!("/sys/class/net/{name}/carrier")).unwrap_or_default();
+    carrier.trim() == "1" && oper.trim() != "down"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_and_print() {
+        let s: PathSpec = "tap:vm1a?drop=20&reorder=5".parse().unwrap();
+        assert_eq!(s.kind, PathKind::Tap("vm1a".into()));
+        assert_eq!(
+            s.faults,
+            Faults {
+                drop_pct: 20.0,
+                reorder_pct: 5.0
+            }
+        );
+        assert_eq!(s.to_string().parse::<PathSpec>().unwrap(), s);
+        assert_eq!(
+            "packet:eth1".parse::<PathSpec>().unwrap().kind,
+            PathKind::Packet("eth1".into())
+        );
+        for bad in [
+            "eth0",
+            "tap:",
+            "udp:x",
+            "tap:a?drop=200",
+            "tap:a?jitter=1",
+            "tap:0123456789abcdef",
+        ] {
+            let e = bad.parse::<PathSpec>().unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+        }
+    }
+
+    fn frame(tag: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![tag; len];
+        f[..6].copy_from_slice(&[0xff; 6]);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, tag]);
+        f[12..14].copy_from_slice(&[0x88, 0xb5]);
+        f
+    }
+
+    fn recv_wait(p: &NetPath, buf: &mut [u8]) -> usize {
+        let t0 = std::time::Instant::now();
+        loop {
+            match p.recv(buf) {
+                Ok(n) => return n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    assert!(t0.elapsed() < std::time::Duration::from_secs(5), "no frame");
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+                Err(e) => panic!("recv: {e}"),
+            }
+        }
+    }
+
+    /// A TAP path and a packet path on the same interface see each other's frames: what the
+    /// TAP side writes the kernel receives on the interface, and what the packet socket sends
+    /// the kernel transmits to the TAP reader.
+    #[test]
+    fn tap_and_packet_paths_exchange_frames() {
+        let name = format!("vhmt{}", std::process::id() % 100_000);
+        let tap = NetPath::open(&format!("tap:{name}").parse().unwrap()).expect("TAP (needs root)");
+        assert!(tap.mtu().unwrap() >= 1500);
+        let pkt = NetPath::open(&format!("packet:{name}").parse().unwrap()).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        // Drain whatever the kernel sends on a fresh interface (IPv6 router solicitations...).
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        while pkt.recv(&mut buf).is_ok() {}
+        while tap.recv(&mut buf).is_ok() {}
+        tap.send(&frame(1, 100)).unwrap();
+        let n = loop {
+            let n = recv_wait(&pkt, &mut buf);
+            if buf[12..14] == [0x88, 0xb5] {
+                break n;
+            }
+        };
+        assert_eq!(&buf[..n], &frame(1, 100)[..]);
+        pkt.send(&frame(2, 300)).unwrap();
+        let n = loop {
+            let n = recv_wait(&tap, &mut buf);
+            if buf[12..14] == [0x88, 0xb5] {
+                break n;
+            }
+        };
+        assert_eq!(&buf[..n], &frame(2, 300)[..]);
+        assert!(tap.link_up(), "an open TAP has carrier");
+        let e = NetPath::open(&"packet:nosuchif0".parse().unwrap())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("nosuchif0"), "{e}");
+    }
+
+    #[test]
+    fn drop_faults_drop_about_that_share() {
+        let name = format!("vhmf{}", std::process::id() % 100_000);
+        let tap = NetPath::open(&format!("tap:{name}?drop=50").parse().unwrap()).unwrap();
+        let pkt = NetPath::open(&format!("packet:{name}").parse().unwrap()).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        while pkt.recv(&mut buf).is_ok() {}
+        for _ in 0..400 {
+            tap.send(&frame(3, 64)).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let mut got = 0;
+        while let Ok(n) = pkt.recv(&mut buf) {
+            if n == 64 && buf[12..14] == [0x88, 0xb5] {
+                got += 1;
+            }
+        }
+        assert!(
+            (120..=280).contains(&got),
+            "{got} of 400 arrived with 50% drop"
+        );
+    }
+}
