@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use backends::blk::BlkConfig;
 use clap::{Parser, Subcommand};
-use mirror::{MirrorConfig, ReadPolicy};
+use mirror::{MirrorConfig, NetMode, ReadPolicy};
+use transport::net::PathSpec;
 use transport::{LegSpec, OpenOptions};
 
 /// Mirrored vhost-user devices: every write goes down two independent paths, and losing one is
@@ -23,8 +24,58 @@ pub enum Command {
     Create(CreateArgs),
     /// Serve a mirrored virtio-blk disk on a vhost-user socket.
     Blk(BlkArgs),
+    /// Serve a virtio-net NIC whose frames go down two network paths.
+    Net(NetArgs),
+    /// Terminate PRP for a host that does not speak it: two paths in, one ordinary interface out.
+    PrpGateway(GatewayArgs),
     /// Talk to a running daemon's control socket.
     Ctl(CtlArgs),
+}
+
+/// `vhost-mirror net`.
+#[derive(Debug, Parser)]
+pub struct NetArgs {
+    /// vhost-user socket to listen on (QEMU: -device vhost-user-net-pci,chardev=...).
+    #[arg(long, value_name = "PATH")]
+    pub socket: PathBuf,
+
+    /// A path: tap:NAME or packet:IFNAME, with optional ?drop=PCT&reorder=PCT for drills. Give two.
+    #[arg(long = "path", value_name = "SPEC", required = true)]
+    pub paths: Vec<PathSpec>,
+
+    /// prp (every frame on both paths, duplicates discarded) or active-backup.
+    #[arg(long, value_name = "MODE", default_value = "prp")]
+    pub mode: NetMode,
+
+    /// The guest's MTU, to check the paths can carry its frames (plus 6 bytes in prp mode).
+    #[arg(long, value_name = "BYTES", default_value_t = 1500,
+          value_parser = clap::value_parser!(u32).range(68..=9000))]
+    pub guest_mtu: u32,
+
+    /// JSON control socket (status, fail-path, restore-path).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
+}
+
+/// `vhost-mirror prp-gateway`.
+#[derive(Debug, Parser)]
+pub struct GatewayArgs {
+    /// The two redundant paths (tap:NAME or packet:IFNAME).
+    #[arg(long = "path", value_name = "SPEC", required = true)]
+    pub paths: Vec<PathSpec>,
+
+    /// The ordinary side: a TAP device (created, or attached) that sees plain frames.
+    #[arg(long, value_name = "NAME")]
+    pub tap: String,
+
+    /// MTU of the hosts behind the gateway (checked against the paths, plus 6 bytes).
+    #[arg(long, value_name = "BYTES", default_value_t = 1500,
+          value_parser = clap::value_parser!(u32).range(68..=9000))]
+    pub mtu: u32,
+
+    /// JSON control socket.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// `vhost-mirror blk`.
@@ -210,6 +261,16 @@ pub enum CtlCommand {
         #[arg(value_parser = parse_rate)]
         rate: u64,
     },
+    /// Cut a network path as if its cable were pulled (fault drills).
+    FailPath {
+        /// Path index (0 is the first --path).
+        path: usize,
+    },
+    /// Undo fail-path.
+    RestorePath {
+        /// Path index.
+        path: usize,
+    },
 }
 
 #[cfg(test)]
@@ -298,8 +359,14 @@ mod tests {
             (&["--leg", "disk.img"], "invalid leg 'disk.img'"),
             (&[], "--leg"),
             (&["--leg", "null:1M", "--io-timeout", "0"], "--io-timeout"),
-            (&["--leg", "null:1M", "--serial", "123456789012345678901"], "at most 20"),
-            (&["--leg", "null:1M", "--read-policy", "best"], "unknown read policy 'best'"),
+            (
+                &["--leg", "null:1M", "--serial", "123456789012345678901"],
+                "at most 20",
+            ),
+            (
+                &["--leg", "null:1M", "--read-policy", "best"],
+                "unknown read policy 'best'",
+            ),
         ];
         for (extra, want) in cases {
             let args: Vec<&str> = blk.iter().chain(extra).copied().collect();
@@ -307,5 +374,4 @@ mod tests {
             assert!(e.contains(want), "{args:?}: {e}");
         }
     }
-
 }

@@ -2,6 +2,7 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"fail-leg","leg":N}`, `{"cmd":"re-add","leg":N}`,
 //! `{"cmd":"resync-pause"}`, `{"cmd":"resync-resume"}`, `{"cmd":"set-resync-rate","rate":BYTES}`.
+//! For network daemons: `{"cmd":"fail-path","path":N}`, `{"cmd":"restore-path","path":N}`.
 //! Answers: the status object, or `{"ok":true}`, or `{"error":"..."}`.
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,6 +25,8 @@ pub enum Request {
     ResyncPause,
     ResyncResume,
     SetResyncRate { rate: u64 },
+    FailPath { path: usize },
+    RestorePath { path: usize },
 }
 
 /// What answers control requests: the block daemon, later the net daemon.

@@ -101,6 +101,43 @@ pub fn render_status(v: &Value) -> String {
     out
 }
 
+/// Renders a network daemon's status for people.
+pub fn render_net_status(v: &Value) -> String {
+    let mut out = format!(
+        "mode {}, {} failovers\n",
+        v.get("mode").and_then(Value::as_str).unwrap_or("-"),
+        v.get("failovers").and_then(Value::as_u64).unwrap_or(0)
+    );
+    for p in v
+        .get("paths")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let s = |k: &str| p.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let n = |k: &str| p.get(k).and_then(Value::as_u64).unwrap_or(0);
+        out.push_str(&format!(
+            "path {} {:<6} {}{}\n    sent {}, received {}, delivered {}, send errors {}, oversize {}\n",
+            n("index"),
+            s("state"),
+            s("spec"),
+            if p.get("active").and_then(Value::as_bool) == Some(true) { " (active)" } else { "" },
+            n("sent"),
+            n("received"),
+            n("delivered"),
+            n("send_errors"),
+            n("oversize"),
+        ));
+    }
+    if let Some(prp) = v.get("prp").filter(|p| !p.is_null()) {
+        out.push_str(&format!("prp: {prp}\n"));
+    }
+    if let Some(d) = v.get("device").filter(|p| !p.is_null()) {
+        out.push_str(&format!("device: {d}\n"));
+    }
+    out
+}
+
 /// One line for a resync in progress (the live bar needs a terminal; this does not).
 pub fn render_resync(r: &Value) -> String {
     let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
@@ -157,6 +194,10 @@ fn status(args: &CtlArgs, watch: bool) -> Result<(), CtlError> {
         println!("{v}");
         return Ok(());
     }
+    if v.get("paths").is_some() {
+        print!("{}", render_net_status(&v));
+        return Ok(());
+    }
     print!("{}", render_status(&v));
     let Some(r) = v.get("resync").filter(|r| !r.is_null()) else {
         return Ok(());
@@ -189,6 +230,8 @@ pub fn run(args: &CtlArgs) -> Result<(), CtlError> {
         CtlCommand::ResyncPause => json!({ "cmd": "resync-pause" }),
         CtlCommand::ResyncResume => json!({ "cmd": "resync-resume" }),
         CtlCommand::SetResyncRate { rate } => json!({ "cmd": "set-resync-rate", "rate": rate }),
+        CtlCommand::FailPath { path } => json!({ "cmd": "fail-path", "path": path }),
+        CtlCommand::RestorePath { path } => json!({ "cmd": "restore-path", "path": path }),
     };
     let v = request(&args.control, &req)?;
     if args.json {

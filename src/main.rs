@@ -3,6 +3,7 @@
 mod cli;
 mod control;
 mod ctl;
+mod netd;
 
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -33,6 +34,9 @@ impl Controlled for BlkControl {
             Request::ResyncPause => self.0.set_resync_paused(true),
             Request::ResyncResume => self.0.set_resync_paused(false),
             Request::SetResyncRate { rate } => self.0.set_resync_rate(rate),
+            Request::FailPath { .. } | Request::RestorePath { .. } => {
+                return Err("not a network daemon: paths belong to `vhost-mirror net`".into())
+            }
         }
         .map(|()| json!({ "ok": true }))
         .map_err(|e| e.to_string())
@@ -109,6 +113,8 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Create(args) => run_create(args),
         Command::Blk(args) => run_blk(args),
+        Command::Net(args) => netd::run_net(args),
+        Command::PrpGateway(args) => netd::run_gateway(args),
         Command::Ctl(args) => ctl::run(args).map_err(|e| e.to_string()),
     };
     match result {

@@ -2,3 +2,4 @@
 //! completions back into used-ring entries.
 
 pub mod blk;
+pub mod net;

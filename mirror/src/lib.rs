@@ -6,10 +6,13 @@
 pub mod bitmap;
 pub mod block;
 pub mod meta;
+pub mod net;
+pub mod net_mirror;
 pub mod sync;
 
 pub use block::{
     BlockMirror, IoStatus, KeepAlive, LegState, LegStatus, MirrorConfig, MirrorError, MirrorInfo,
     MirrorStatus, ReadPolicy, MAX_LEGS,
 };
+pub use net_mirror::{NetConfig, NetMirror, NetMirrorError, NetMode, NetStatus, PathStatus};
 pub use sync::{create, Created, ResyncStatus};

@@ -1,0 +1,620 @@
+//! Frames over two network paths: PRP (every frame on both, duplicates discarded on receipt) or
+//! active-backup (one path at a time, moved on failure and announced with gratuitous ARP /
+//! unsolicited neighbour advertisements).
+//!
+//! The caller owns the event loop: it asks for the paths' descriptors, calls [`NetMirror::poll`]
+//! when one is readable and [`NetMirror::transmit`] for every outgoing frame. A monitor thread
+//! watches carrier, fails over, sends PRP supervision frames and ages duplicate-discard state.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::RawFd;
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+use serde::Serialize;
+use transport::net::{NetPath, PathError, PathSpec, MAX_FRAME};
+
+use crate::net::{Lan, PrpNode};
+
+/// Bytes the PRP redundancy control trailer adds to a frame.
+pub const PRP_TRAILER: usize = 6;
+
+/// How frames use the two paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NetMode {
+    /// Parallel Redundancy Protocol: both paths, zero recovery time.
+    #[default]
+    Prp,
+    /// One path at a time, for peers that do not speak PRP.
+    ActiveBackup,
+}
+
+impl FromStr for NetMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "prp" => Ok(NetMode::Prp),
+            "active-backup" => Ok(NetMode::ActiveBackup),
+            _ => Err(format!("unknown mode '{s}' (prp, active-backup)")),
+        }
+    }
+}
+
+/// Settings of a [`NetMirror`].
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    pub mode: NetMode,
+    /// The largest IP packet the guest sends (its MTU); frames beyond what a path carries are
+    /// counted, never silently dropped.
+    pub guest_mtu: u32,
+    /// How often carrier is checked (the failover bound in active-backup).
+    pub monitor_interval: Duration,
+}
+
+impl Default for NetConfig {
+    fn default() -> Self {
+        NetConfig {
+            mode: NetMode::Prp,
+            guest_mtu: 1500,
+            monitor_interval: Duration::from_millis(50),
+        }
+    }
+}
+
+/// Why the paths could not be set up or a command was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum NetMirrorError {
+    #[error("a network mirror needs exactly two paths, got {0}")]
+    PathCount(usize),
+    #[error(transparent)]
+    Path(#[from] PathError),
+    #[error("no path {0} (paths are 0 and 1)")]
+    NoSuchPath(usize),
+    #[error("cannot start thread: {0}")]
+    Thread(std::io::Error),
+}
+
+#[derive(Default)]
+struct PathCounters {
+    sent: AtomicU64,
+    send_errors: AtomicU64,
+    received: AtomicU64,
+    delivered: AtomicU64,
+    dropped_inactive: AtomicU64,
+    dropped_down: AtomicU64,
+    oversize: AtomicU64,
+}
+
+struct Slot {
+    path: NetPath,
+    /// Carrier seen by the monitor.
+    link: AtomicBool,
+    /// Failed by an operator (fault drill): behaves as a cut cable.
+    forced_down: AtomicBool,
+    /// Largest frame the path carries (Ethernet header and one VLAN tag included).
+    max_frame: usize,
+    c: PathCounters,
+}
+
+impl Slot {
+    fn usable(&self) -> bool {
+        self.link.load(Ordering::Relaxed) && !self.forced_down.load(Ordering::Relaxed)
+    }
+}
+
+/// Addresses the guest uses, learned from what it sends, for announcements after a failover.
+#[derive(Default, Clone)]
+struct Learned {
+    mac: Option<[u8; 6]>,
+    ipv4: Vec<Ipv4Addr>,
+    ipv6: Vec<Ipv6Addr>,
+}
+
+struct Inner {
+    slots: Vec<Slot>,
+    cfg: NetConfig,
+    active: AtomicUsize,
+    failovers: AtomicU64,
+    prp: Mutex<PrpNode>,
+    learned: Mutex<Learned>,
+    rxbuf: Mutex<Vec<u8>>,
+}
+
+/// One path as the control socket reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathStatus {
+    pub index: usize,
+    pub spec: String,
+    pub state: &'static str,
+    pub active: bool,
+    pub sent: u64,
+    pub send_errors: u64,
+    pub received: u64,
+    pub delivered: u64,
+    pub dropped_inactive: u64,
+    pub dropped_down: u64,
+    pub oversize: u64,
+}
+
+/// The network mirror as the control socket reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NetStatus {
+    pub mode: NetMode,
+    pub failovers: u64,
+    pub paths: Vec<PathStatus>,
+    /// PRP duplicate-discard counters (prp mode).
+    pub prp: serde_json::Value,
+}
+
+/// The network redundancy engine. Cheap to clone.
+#[derive(Clone)]
+pub struct NetMirror {
+    inner: Arc<Inner>,
+}
+
+impl NetMirror {
+    /// Opens both paths and starts the monitor.
+    pub fn open(specs: &[PathSpec], cfg: NetConfig) -> Result<Self, NetMirrorError> {
+        if specs.len() != 2 {
+            return Err(NetMirrorError::PathCount(specs.len()));
+        }
+        let mut slots = Vec::new();
+        for (i, spec) in specs.iter().enumerate() {
+            let path = NetPath::open(spec)?;
+            let mtu = path.mtu().unwrap_or(1500) as usize;
+            let need = cfg.guest_mtu as usize
+                + if cfg.mode == NetMode::Prp {
+                    PRP_TRAILER
+                } else {
+                    0
+                };
+            if mtu < need {
+                warn!(
+                    "path {i} {spec}: MTU {mtu} cannot carry the guest's {}-byte packets{}; raise the \
+                     path MTU to {need}, or lower the guest's (QEMU: host_mtu={}); larger frames are \
+                     counted as oversize and not sent on it",
+                    cfg.guest_mtu,
+                    if cfg.mode == NetMode::Prp { " plus the 6-byte PRP trailer" } else { "" },
+                    mtu.saturating_sub(need - cfg.guest_mtu as usize)
+                );
+            }
+            info!("path {i} {spec}: interface {}, MTU {mtu}", path.ifname());
+            let link = path.link_up();
+            slots.push(Slot {
+                path,
+                link: AtomicBool::new(link),
+                forced_down: AtomicBool::new(false),
+                max_frame: (mtu + 14 + 4).min(MAX_FRAME),
+                c: PathCounters::default(),
+            });
+        }
+        let active = if slots[0].usable() || !slots[1].usable() {
+            0
+        } else {
+            1
+        };
+        let inner = Arc::new(Inner {
+            slots,
+            cfg: cfg.clone(),
+            active: AtomicUsize::new(active),
+            failovers: AtomicU64::new(0),
+            prp: Mutex::new(PrpNode::new()),
+            learned: Mutex::new(Learned::default()),
+            rxbuf: Mutex::new(vec![0u8; MAX_FRAME]),
+        });
+        let weak = Arc::downgrade(&inner);
+        thread::Builder::new()
+            .name("net-monitor".into())
+            .spawn(move || monitor(weak))
+            .map_err(NetMirrorError::Thread)?;
+        Ok(NetMirror { inner })
+    }
+
+    /// Largest frame accepted from the guest (bigger ones are counted per path as oversize).
+    pub fn max_frame(&self) -> usize {
+        MAX_FRAME
+    }
+
+    /// The paths' descriptors, readable when frames wait (index = path).
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.inner.slots.iter().map(|s| s.path.fd()).collect()
+    }
+
+    /// Sends a frame from the guest.
+    pub fn transmit(&self, frame: &[u8]) {
+        let inner = &self.inner;
+        learn(&inner.learned, frame);
+        match inner.cfg.mode {
+            NetMode::Prp => {
+                let (a, b) = match inner.prp.lock() {
+                    Ok(mut p) => p.on_send(frame),
+                    Err(_) => return,
+                };
+                inner.send_on(0, &a);
+                inner.send_on(1, &b);
+            }
+            NetMode::ActiveBackup => {
+                let i = inner.active.load(Ordering::Relaxed);
+                inner.send_on(i, frame);
+            }
+        }
+    }
+
+    /// Reads every frame waiting on path `path` and hands those for the guest to `deliver`.
+    pub fn poll(&self, path: usize, deliver: &mut dyn FnMut(&[u8])) {
+        let inner = &self.inner;
+        let Some(slot) = inner.slots.get(path) else {
+            return;
+        };
+        let mut buf = match inner.rxbuf.lock() {
+            Ok(b) => b,
+            Err(p) => p.into_inner(),
+        };
+        loop {
+            let n = match slot.path.recv(&mut buf) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("path {path}: receive failed: {e}");
+                    return;
+                }
+            };
+            slot.c.received.fetch_add(1, Ordering::Relaxed);
+            if slot.forced_down.load(Ordering::Relaxed) {
+                slot.c.dropped_down.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let frame = &buf[..n];
+            match inner.cfg.mode {
+                NetMode::Prp => {
+                    let lan = if path == 0 { Lan::A } else { Lan::B };
+                    let out = match inner.prp.lock() {
+                        Ok(mut p) => p.on_receive(lan, frame, Instant::now()),
+                        Err(_) => None,
+                    };
+                    if let Some(f) = out {
+                        slot.c.delivered.fetch_add(1, Ordering::Relaxed);
+                        deliver(f);
+                    }
+                }
+                NetMode::ActiveBackup => {
+                    if path == inner.active.load(Ordering::Relaxed) {
+                        slot.c.delivered.fetch_add(1, Ordering::Relaxed);
+                        deliver(frame);
+                    } else {
+                        slot.c.dropped_inactive.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn check(&self, path: usize) -> Result<&Slot, NetMirrorError> {
+        self.inner
+            .slots
+            .get(path)
+            .ok_or(NetMirrorError::NoSuchPath(path))
+    }
+
+    /// Cuts path `path` as if its cable were pulled (fault drills).
+    pub fn fail_path(&self, path: usize) -> Result<(), NetMirrorError> {
+        self.check(path)?.forced_down.store(true, Ordering::Relaxed);
+        warn!("path {path} failed by operator");
+        self.inner.evaluate();
+        Ok(())
+    }
+
+    /// Undoes [`NetMirror::fail_path`].
+    pub fn restore_path(&self, path: usize) -> Result<(), NetMirrorError> {
+        self.check(path)?
+            .forced_down
+            .store(false, Ordering::Relaxed);
+        info!("path {path} restored by operator");
+        self.inner.evaluate();
+        Ok(())
+    }
+
+    /// A snapshot for the control socket.
+    pub fn status(&self) -> NetStatus {
+        let inner = &self.inner;
+        let active = inner.active.load(Ordering::Relaxed);
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NetStatus {
+            mode: inner.cfg.mode,
+            failovers: g(&inner.failovers),
+            prp: inner
+                .prp
+                .lock()
+                .ok()
+                .and_then(|p| serde_json::to_value(p.counters()).ok())
+                .unwrap_or(serde_json::Value::Null),
+            paths: inner
+                .slots
+                .iter()
+                .enumerate()
+                .map(|(i, s)| PathStatus {
+                    index: i,
+                    spec: s.path.spec().to_string(),
+                    state: if s.forced_down.load(Ordering::Relaxed) {
+                        "failed"
+                    } else if s.link.load(Ordering::Relaxed) {
+                        "up"
+                    } else {
+                        "down"
+                    },
+                    active: inner.cfg.mode == NetMode::Prp || i == active,
+                    sent: g(&s.c.sent),
+                    send_errors: g(&s.c.send_errors),
+                    received: g(&s.c.received),
+                    delivered: g(&s.c.delivered),
+                    dropped_inactive: g(&s.c.dropped_inactive),
+                    dropped_down: g(&s.c.dropped_down),
+                    oversize: g(&s.c.oversize),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Inner {
+    fn send_on(&self, i: usize, frame: &[u8]) {
+        let Some(s) = self.slots.get(i) else { return };
+        if s.forced_down.load(Ordering::Relaxed) {
+            s.c.dropped_down.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if frame.len() > s.max_frame {
+            s.c.oversize.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        match s.path.send(frame) {
+            Ok(()) => {
+                s.c.sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) => {
+                s.c.send_errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Refreshes carrier and, in active-backup, moves traffic off a path that went down.
+    fn evaluate(&self) {
+        for s in &self.slots {
+            s.link.store(s.path.link_up(), Ordering::Relaxed);
+        }
+        if self.cfg.mode != NetMode::ActiveBackup {
+            return;
+        }
+        let active = self.active.load(Ordering::Relaxed);
+        let other = 1 - active;
+        if !self.slots[active].usable() && self.slots[other].usable() {
+            self.active.store(other, Ordering::Relaxed);
+            self.failovers.fetch_add(1, Ordering::Relaxed);
+            warn!("path {active} is down: traffic moves to path {other}");
+            self.announce(other);
+        }
+    }
+
+    /// Tells the new path's network where the guest's addresses live now.
+    fn announce(&self, path: usize) {
+        let learned = match self.learned.lock() {
+            Ok(l) => l.clone(),
+            Err(_) => return,
+        };
+        let Some(mac) = learned.mac else { return };
+        for ip in &learned.ipv4 {
+            self.send_on(path, &gratuitous_arp(mac, *ip));
+        }
+        for ip in &learned.ipv6 {
+            self.send_on(path, &unsolicited_na(mac, *ip));
+        }
+        info!(
+            "announced {} IPv4 and {} IPv6 addresses of {} on path {path}",
+            learned.ipv4.len(),
+            learned.ipv6.len(),
+            fmt_mac(mac)
+        );
+    }
+}
+
+fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+fn monitor(inner: Weak<Inner>) {
+    let mut last_supervision = Instant::now() - Duration::from_secs(10);
+    loop {
+        let Some(me) = inner.upgrade() else { return };
+        me.evaluate();
+        if me.cfg.mode == NetMode::Prp && last_supervision.elapsed() >= Duration::from_secs(2) {
+            last_supervision = Instant::now();
+            let mac = me.learned.lock().ok().and_then(|l| l.mac);
+            let frames = match me.prp.lock() {
+                Ok(mut p) => {
+                    p.sweep(Instant::now());
+                    mac.map(|m| p.supervision_frames(m))
+                }
+                Err(_) => None,
+            };
+            if let Some((a, b)) = frames {
+                me.send_on(0, &a);
+                me.send_on(1, &b);
+            }
+        }
+        let tick = me.cfg.monitor_interval;
+        drop(me);
+        thread::sleep(tick);
+    }
+}
+
+const ETH_ARP: u16 = 0x0806;
+const ETH_IPV4: u16 = 0x0800;
+const ETH_IPV6: u16 = 0x86dd;
+
+fn ethertype(frame: &[u8]) -> Option<(u16, usize)> {
+    let t = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    if t == 0x8100 {
+        return Some((u16::from_be_bytes([*frame.get(16)?, *frame.get(17)?]), 18));
+    }
+    Some((t, 14))
+}
+
+/// Remembers the guest's MAC and the addresses it speaks from.
+fn learn(learned: &Mutex<Learned>, frame: &[u8]) {
+    if frame.len() < 14 || frame[6] & 1 != 0 {
+        return;
+    }
+    let Some((t, off)) = ethertype(frame) else {
+        return;
+    };
+    let ip4 = match t {
+        ETH_ARP if frame.len() >= off + 28 => Some(Ipv4Addr::new(
+            frame[off + 14],
+            frame[off + 15],
+            frame[off + 16],
+            frame[off + 17],
+        )),
+        ETH_IPV4 if frame.len() >= off + 20 => Some(Ipv4Addr::new(
+            frame[off + 12],
+            frame[off + 13],
+            frame[off + 14],
+            frame[off + 15],
+        )),
+        _ => None,
+    };
+    let ip6 = if t == ETH_IPV6 && frame.len() >= off + 40 {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&frame[off + 8..off + 24]);
+        Some(Ipv6Addr::from(a))
+    } else {
+        None
+    };
+    let Ok(mut l) = learned.lock() else { return };
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&frame[6..12]);
+    if l.mac != Some(mac) {
+        l.mac = Some(mac);
+    }
+    if let Some(ip) = ip4.filter(|ip| !ip.is_unspecified() && !ip.is_broadcast()) {
+        if !l.ipv4.contains(&ip) && l.ipv4.len() < 16 {
+            l.ipv4.push(ip);
+        }
+    }
+    if let Some(ip) = ip6.filter(|ip| !ip.is_unspecified() && !ip.is_multicast()) {
+        if !l.ipv6.contains(&ip) && l.ipv6.len() < 16 {
+            l.ipv6.push(ip);
+        }
+    }
+}
+
+/// An ARP request for `ip` from `ip` (RFC 5227 announcement).
+pub fn gratuitous_arp(mac: [u8; 6], ip: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ETH_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip.octets());
+    f.resize(60, 0);
+    f
+}
+
+fn checksum(data: &[u8], mut sum: u32) -> u16 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An unsolicited neighbour advertisement of `ip` to all nodes (RFC 4861 7.2.6).
+pub fn unsolicited_na(mac: [u8; 6], ip: Ipv6Addr) -> Vec<u8> {
+    let all_nodes = Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1);
+    let mut icmp = vec![136, 0, 0, 0, 0x20, 0, 0, 0];
+    icmp.extend_from_slice(&ip.octets());
+    icmp.extend_from_slice(&[2, 1]);
+    icmp.extend_from_slice(&mac);
+    let mut pseudo = Vec::with_capacity(40 + icmp.len());
+    pseudo.extend_from_slice(&ip.octets());
+    pseudo.extend_from_slice(&all_nodes.octets());
+    pseudo.extend_from_slice(&(icmp.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, 58]);
+    pseudo.extend_from_slice(&icmp);
+    let sum = checksum(&pseudo, 0);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut f = Vec::with_capacity(14 + 40 + icmp.len());
+    f.extend_from_slice(&[0x33, 0x33, 0, 0, 0, 1]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ETH_IPV6.to_be_bytes());
+    f.extend_from_slice(&[0x60, 0, 0, 0]);
+    f.extend_from_slice(&(icmp.len() as u16).to_be_bytes());
+    f.extend_from_slice(&[58, 255]);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&all_nodes.octets());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_the_guest_addresses() {
+        let l = Mutex::new(Learned::default());
+        let mac = [2, 0, 0, 0, 0, 9];
+        learn(&l, &gratuitous_arp(mac, Ipv4Addr::new(10, 9, 0, 2)));
+        learn(&l, &unsolicited_na(mac, "fd00::2".parse().unwrap()));
+        let l = l.into_inner().unwrap();
+        assert_eq!(l.mac, Some(mac));
+        assert_eq!(l.ipv4, vec![Ipv4Addr::new(10, 9, 0, 2)]);
+        assert_eq!(l.ipv6, vec!["fd00::2".parse::<Ipv6Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn announcements_are_well_formed() {
+        let mac = [2, 0, 0, 0, 0, 9];
+        let a = gratuitous_arp(mac, Ipv4Addr::new(10, 0, 0, 1));
+        assert_eq!(a.len(), 60);
+        assert_eq!(&a[12..14], &[8, 6]);
+        assert_eq!(&a[28..32], &[10, 0, 0, 1]);
+        assert_eq!(&a[38..42], &[10, 0, 0, 1]);
+        let na = unsolicited_na(mac, "fd00::1".parse().unwrap());
+        assert_eq!(na[54], 136);
+        // The ICMPv6 checksum verifies: summing with it included gives zero.
+        let mut pseudo = Vec::new();
+        pseudo.extend_from_slice(&na[22..38]);
+        pseudo.extend_from_slice(&na[38..54]);
+        pseudo.extend_from_slice(&((na.len() - 54) as u32).to_be_bytes());
+        pseudo.extend_from_slice(&[0, 0, 0, 58]);
+        pseudo.extend_from_slice(&na[54..]);
+        assert_eq!(checksum(&pseudo, 0), 0);
+    }
+
+    #[test]
+    fn modes_parse() {
+        assert_eq!("prp".parse::<NetMode>().unwrap(), NetMode::Prp);
+        assert_eq!(
+            "active-backup".parse::<NetMode>().unwrap(),
+            NetMode::ActiveBackup
+        );
+        assert!("bond"
+            .parse::<NetMode>()
+            .unwrap_err()
+            .contains("unknown mode 'bond'"));
+    }
+}
