@@ -28,8 +28,25 @@ pub enum Command {
     Net(NetArgs),
     /// Terminate PRP for a host that does not speak it: two paths in, one ordinary interface out.
     PrpGateway(GatewayArgs),
+    /// Run a fault drill described in a JSON file and report (see examples/scenarios/).
+    Scenario(ScenarioArgs),
     /// Talk to a running daemon's control socket.
     Ctl(CtlArgs),
+}
+
+/// `vhost-mirror scenario`.
+#[derive(Debug, Parser)]
+pub struct ScenarioArgs {
+    /// The scenario (JSON).
+    pub file: PathBuf,
+
+    /// Also write the report as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+
+    /// Scratch directory for the legs' images, sockets and the daemon log (kept afterwards).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }
 
 /// `vhost-mirror net`.

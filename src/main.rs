@@ -4,6 +4,7 @@ mod cli;
 mod control;
 mod ctl;
 mod netd;
+mod scenario;
 
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -82,6 +83,28 @@ fn run_blk(args: &BlkArgs) -> Result<(), String> {
     .map_err(|e| e.to_string())
 }
 
+fn run_scenario(args: &cli::ScenarioArgs) -> Result<(), String> {
+    let sc = scenario::Scenario::load(&args.file).map_err(|e| e.to_string())?;
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("vhost-mirror-scenario-{}", std::process::id()))
+    });
+    let report = scenario::run(&sc, &dir).map_err(|e| e.to_string())?;
+    print!("{}", scenario::render(&report));
+    println!(
+        "(images, sockets and the daemon log are in {})",
+        dir.display()
+    );
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if report.passed {
+        Ok(())
+    } else {
+        Err(format!("scenario '{}' failed", report.name))
+    }
+}
+
 fn run_create(args: &CreateArgs) -> Result<(), String> {
     let opts = transport::OpenOptions {
         connect_timeout: Duration::from_millis(args.connect_timeout),
@@ -114,6 +137,7 @@ fn main() -> ExitCode {
         Command::Create(args) => run_create(args),
         Command::Blk(args) => run_blk(args),
         Command::Net(args) => netd::run_net(args),
+        Command::Scenario(args) => run_scenario(args),
         Command::PrpGateway(args) => netd::run_gateway(args),
         Command::Ctl(args) => ctl::run(args).map_err(|e| e.to_string()),
     };

@@ -1050,12 +1050,14 @@ pub(crate) fn worker<C: Send + 'static>(mirror: Weak<Inner<C>>, rx: Receiver<Cmd
         for (leg, busy) in due {
             // Off the worker: a connect can take its timeout, and ejections must not wait on it.
             let me = inner.clone();
-            let spawned = thread::Builder::new().name("mirror-return".into()).spawn(move || {
-                if let Some(md) = me.md() {
-                    try_return(&me, md, leg);
-                }
-                busy.store(false, Ordering::SeqCst);
-            });
+            let spawned = thread::Builder::new()
+                .name("mirror-return".into())
+                .spawn(move || {
+                    if let Some(md) = me.md() {
+                        try_return(&me, md, leg);
+                    }
+                    busy.store(false, Ordering::SeqCst);
+                });
             if spawned.is_err() {
                 warn!("cannot start a reconnection thread for leg {leg}");
             }
