@@ -882,11 +882,27 @@ fn try_return<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize)
     let handle = match transport::open(&spec, sink, &inner.cfg.open) {
         Ok(h) => h,
         Err(e) => {
-            debug!("leg {leg} still unreachable: {e}");
+            info!("leg {leg} still unreachable: {e}");
             backoff(false);
             return;
         }
     };
+    // A server that was only paused may still hold requests of the connection we gave up on;
+    // until it is done with them, one of their writes could land on top of the resync.
+    let old = l.handle();
+    if old.is_alive() {
+        // A connection a previous attempt installed and then gave up on (its superblock could
+        // not be read, say): it carries nothing of value.
+        old.abort("replaced by a new connection");
+    }
+    if !old.wait_quiet(inner.cfg.open.connect_timeout) {
+        info!(
+            "leg {leg} {} answers again, but the server has not finished the requests of the old connection yet; retrying later",
+            l.uri
+        );
+        backoff(false);
+        return;
+    }
     if handle.info().capacity != l.capacity {
         warn!(
             "leg {leg} {} came back with {} bytes instead of {}; not re-adding",
@@ -905,11 +921,14 @@ fn try_return<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize)
                 "leg {leg} {} answers again but its metadata is unusable ({e}); not re-adding",
                 l.uri
             );
+            l.handle().abort("not re-added: unusable metadata");
             backoff(true);
             return;
         }
         Err(e) => {
-            debug!("leg {leg}: reading its superblock failed: {e}");
+            warn!("leg {leg}: reading its superblock failed: {e}");
+            l.handle()
+                .abort("not re-added: its superblock could not be read");
             backoff(false);
             return;
         }
@@ -945,6 +964,7 @@ fn try_return<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize)
             "leg {leg} {} is back, but {why}; not re-adding (fix it, then `ctl re-add {leg}`)",
             l.uri
         );
+        l.handle().abort("not re-added");
         backoff(true);
         return;
     }

@@ -211,6 +211,17 @@ pub trait BlockLeg: Send + Sync {
 
     /// False once the leg has been lost or aborted.
     fn is_alive(&self) -> bool;
+
+    /// After the leg was lost or aborted: waits up to `timeout` until nothing sent through it
+    /// can still change the device, and says whether that point was reached. Whoever repairs
+    /// the device through a new connection must wait for it, or an old write that a paused
+    /// server executes late would land on top of the repair.
+    ///
+    /// The default suits legs whose abort fails a request only once the device let go of it
+    /// (null, file): they are quiet when their last failure has arrived.
+    fn wait_quiet(&self, _timeout: std::time::Duration) -> bool {
+        true
+    }
 }
 
 /// Shared handle to a leg.

@@ -28,12 +28,25 @@
 //!    flag) and never starts a batch once the leg is dead. A write is completed only after the
 //!    sender has published that it is completely sent, or after the leg died and the sender left
 //!    its batch; so a completed write's buffers are never read again.
+//!
+//! ## Giving up on a connection
+//!
+//! When the leg dies (an abort from the layer above, say because the server stopped answering)
+//! only our sending half is shut down. The server sees end-of-file, finishes what it already
+//! received, replies and closes; the reader fails every outstanding request at once and then
+//! reads and discards those late replies until the server closes ("lingering"). Cutting both
+//! halves instead would have two bad effects: a server that was only paused (SIGSTOP, a long
+//! stall) gets EPIPE on its replies when it resumes, which crashes some servers (nbdkit 1.32
+//! asserts in `raw_send_socket`); and nobody could tell when the server is done with the old
+//! requests, whose writes would then race with the resync of the returning leg.
+//! [`BlockLeg::wait_quiet`] reports that moment: the server closed the connection, so it
+//! executes nothing it received on it any more.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -114,6 +127,9 @@ const MAX_BATCH: usize = 256;
 const SEND_POLL_MS: libc::c_int = 500;
 /// How long an orderly close waits for `NBD_CMD_DISC` to leave before cutting the connection.
 const DISC_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a dead connection keeps reading (and discarding) the server's late replies after
+/// its leg was dropped. While the leg exists it lingers until the server closes.
+const DROP_LINGER: Duration = Duration::from_secs(60);
 
 /// See the module documentation.
 pub struct NbdLeg {
@@ -131,13 +147,15 @@ pub struct NbdLeg {
 struct Shared {
     uri: String,
     fd: OwnedFd,
+    /// An eventfd that wakes the reader out of `poll` when the leg dies or is dropped.
+    wake: OwnedFd,
     sink: Arc<dyn CompletionSink>,
     /// Requests for the sender. Only sent to while `state` is locked (see the module docs).
     tx: Sender<Msg>,
     /// Mirrors `state.dead.is_none()` for lock-free `is_alive` and the sender's quick checks.
     alive: AtomicBool,
     state: Mutex<State>,
-    /// Signalled when `sent_upto`, `sending`, `dead` or `sender_exited` change.
+    /// Signalled when `sent_upto`, `sending`, `dead`, `sender_exited` or `quiet` change.
     cv: Condvar,
 }
 
@@ -155,6 +173,11 @@ struct State {
     /// The sender is inside a batch and may be reading write buffers.
     sending: bool,
     sender_exited: bool,
+    /// The reader is gone: the server closed the connection (or it broke, or the linger after a
+    /// drop ran out), and every request was completed.
+    quiet: bool,
+    /// Set by a drop: until when the reader lingers on a dead connection.
+    linger_until: Option<Instant>,
 }
 
 /// One NBD command in flight.
@@ -259,9 +282,21 @@ impl NbdLeg {
         sink: Arc<dyn CompletionSink>,
     ) -> Result<NbdLeg, OpenError> {
         let (tx, rx) = crossbeam_channel::unbounded();
+        // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor that
+        // nothing else owns.
+        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if wake < 0 {
+            return Err(OpenError::Io {
+                uri,
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: `wake` was just created and is owned by nobody else.
+        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
         let shared = Arc::new(Shared {
             uri: uri.clone(),
             fd,
+            wake,
             sink,
             tx,
             alive: AtomicBool::new(true),
@@ -274,6 +309,8 @@ impl NbdLeg {
                 sent_upto: 1,
                 sending: false,
                 sender_exited: false,
+                quiet: false,
+                linger_until: None,
             }),
             cv: Condvar::new(),
         });
@@ -502,6 +539,23 @@ impl BlockLeg for NbdLeg {
     fn is_alive(&self) -> bool {
         self.shared.alive.load(Ordering::Acquire)
     }
+
+    fn wait_quiet(&self, timeout: Duration) -> bool {
+        let sh = &*self.shared;
+        let deadline = Instant::now() + timeout;
+        let mut st = sh.lock();
+        while !st.quiet {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            st = match sh.cv.wait_timeout(st, left) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        true
+    }
 }
 
 impl Drop for NbdLeg {
@@ -533,14 +587,29 @@ impl Drop for NbdLeg {
             sh.wait_sender_exit(DISC_TIMEOUT);
         }
         sh.die(LegError::Aborted("leg closed".into()));
+        sh.lock().linger_until = Some(Instant::now() + DROP_LINGER);
+        sh.kick();
         // The sink may own the last reference and drop us from the reader thread; a thread
         // cannot join itself, and that one exits on its own once it returns to its loop.
-        for handle in [self.sender.take(), self.reader.take()]
-            .into_iter()
-            .flatten()
-        {
-            if handle.thread().id() != thread::current().id() {
+        let me = thread::current().id();
+        if let Some(handle) = self.sender.take() {
+            if handle.thread().id() != me {
                 let _ = handle.join();
+            }
+        }
+        if let Some(handle) = self.reader.take() {
+            if handle.thread().id() == me {
+                return;
+            }
+            // A healthy server closes promptly after our end-of-file; one that is paused keeps
+            // the reader lingering, which then ends on its own (DROP_LINGER at the latest).
+            if self.wait_quiet(DISC_TIMEOUT) {
+                let _ = handle.join();
+            } else {
+                log::debug!(
+                    "NBD leg {}: server still holds the old connection; leaving it to close",
+                    sh.uri
+                );
             }
         }
     }
@@ -580,14 +649,59 @@ impl Shared {
         };
         st.dead = Some(err.clone());
         self.alive.store(false, Ordering::Release);
-        // Wakes the reader from recv and the sender from poll/sendmsg; they then see the flag.
+        // Only our sending half: the server sees end-of-file and winds the connection down
+        // itself (see "Giving up on a connection" above). This also wakes the sender from
+        // poll/sendmsg; the reader is woken through the eventfd.
         // SAFETY: shutdown on a descriptor we own (it lives as long as `self`) has no memory
         // effects; its failure (e.g. ENOTCONN after the peer left) needs no handling.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+        self.kick();
         // The sender may be idle in the channel; this gets it out. If it already left, fine.
         let _ = self.tx.send(Msg::Stop);
         self.cv.notify_all();
         err
+    }
+
+    /// Wakes the reader if it waits in `poll`.
+    fn kick(&self) {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: writes 8 bytes from a live local array to our own eventfd. A full counter
+        // (EAGAIN) means a wake-up is pending anyway.
+        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+    }
+
+    /// Waits until the socket is readable or the eventfd fires, at most `timeout` (forever with
+    /// `None`). Clears the eventfd.
+    fn wait_readable(&self, timeout: Option<Duration>) -> io::Result<()> {
+        let mut pfd = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+        // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
+        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        if pfd[1].revents != 0 {
+            let mut b = [0u8; 8];
+            // SAFETY: reads at most 8 bytes into a live local array from our own eventfd.
+            unsafe { libc::read(self.wake.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+        }
+        Ok(())
     }
 
     /// Inserts one command into the in-flight map and queues it, with the state locked so
@@ -790,6 +904,9 @@ impl Drop for ReaderExit<'_> {
         if thread::panicking() {
             self.0.die(LegError::Lost("reader thread panicked".into()));
         }
+        let mut st = self.0.lock();
+        st.quiet = true;
+        self.0.cv.notify_all();
     }
 }
 
@@ -953,34 +1070,55 @@ fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
 
 fn reader_main(shared: Arc<Shared>) {
     let _exit = ReaderExit(&shared);
-    let fd = shared.fd.as_raw_fd();
     let mut scratch: Vec<libc::iovec> = Vec::new();
-    let why = loop {
+    let (why, end) = loop {
         let mut hdr = [0u8; proto::REPLY_LEN];
-        if let Err(e) = recv_exact(fd, &mut hdr) {
-            break describe_recv_error(&e, "");
+        match recv_exact(&shared, &mut hdr) {
+            Ok(()) => {}
+            Err(Recv::Dead) => break (String::new(), End::GaveUp),
+            Err(Recv::Io(e)) => break (describe_recv_error(&e, ""), End::Closed),
         }
         let magic = be_u32(&hdr[0..4]);
         let error = be_u32(&hdr[4..8]);
         let handle = be_u64(&hdr[8..16]);
         if magic != proto::SIMPLE_REPLY_MAGIC {
-            break format!("bad reply magic {magic:#010x} (protocol violation)");
+            break (
+                format!("bad reply magic {magic:#010x} (protocol violation)"),
+                End::Violation,
+            );
         }
         let Some((entry, sent)) = shared.take_entry(handle) else {
-            break format!("reply with unknown handle {handle:#018x} (protocol violation)");
+            if !shared.alive.load(Ordering::Acquire) {
+                // The leg died between the header and the lookup; the entry was never ours.
+                break (String::new(), End::GaveUp);
+            }
+            break (
+                format!("reply with unknown handle {handle:#018x} (protocol violation)"),
+                End::Violation,
+            );
         };
         if entry.cmd == proto::CMD_WRITE && !sent && !shared.wait_sent(handle) {
             // The server answered a write we had not finished sending and then the leg died.
             let err = shared.die(LegError::Lost("connection closed".into()));
             shared.finish(entry, Err(err));
-            break String::new();
+            break (String::new(), End::GaveUp);
         }
         if error == 0 && entry.cmd == proto::CMD_READ {
-            if let Err(e) = recv_exact_iov(fd, &mut scratch, &entry.bufs) {
-                let why = describe_recv_error(&e, " in the middle of a read payload");
-                let err = shared.die(LegError::Lost(why));
-                shared.finish(entry, Err(err));
-                break String::new();
+            match recv_exact_iov(&shared, &mut scratch, &entry.bufs) {
+                Ok(()) => {}
+                Err(Recv::Dead) => {
+                    // Given up on in the middle of the payload: the rest of it is discarded
+                    // while lingering, never written to the buffers of a failed request.
+                    let err = shared.die(LegError::Lost("connection closed".into()));
+                    shared.finish(entry, Err(err));
+                    break (String::new(), End::GaveUp);
+                }
+                Err(Recv::Io(e)) => {
+                    let why = describe_recv_error(&e, " in the middle of a read payload");
+                    let err = shared.die(LegError::Lost(why));
+                    shared.finish(entry, Err(err));
+                    break (String::new(), End::Closed);
+                }
             }
         }
         let result = if error == 0 {
@@ -992,6 +1130,92 @@ fn reader_main(shared: Arc<Shared>) {
     };
     shared.die(LegError::Lost(why));
     shared.drain();
+    match end {
+        End::Closed => {}
+        End::Violation => {
+            // Nothing this server sends can be trusted; no point in waiting for it.
+            // SAFETY: shutdown on our own descriptor has no memory effects.
+            unsafe { libc::shutdown(shared.fd.as_raw_fd(), libc::SHUT_RDWR) };
+        }
+        End::GaveUp => match linger(&shared) {
+            Ok(()) => log::debug!(
+                "NBD leg {}: the server closed the old connection",
+                shared.uri
+            ),
+            Err(why) => {
+                log::warn!(
+                    "NBD leg {}: stopped waiting for the server to close the old connection: {why}",
+                    shared.uri
+                );
+                // SAFETY: shutdown on our own descriptor has no memory effects.
+                unsafe { libc::shutdown(shared.fd.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+        },
+    }
+}
+
+/// Why the reader's loop ended.
+enum End {
+    /// The server closed the connection or it broke: nothing is left to wait for.
+    Closed,
+    /// The leg died on our side (abort, drop, a failed send): the server may still be working.
+    GaveUp,
+    /// The server broke the protocol.
+    Violation,
+}
+
+/// Why a receive did not complete.
+enum Recv {
+    Io(io::Error),
+    /// The leg died while waiting; the caller must not touch request buffers any more.
+    Dead,
+}
+
+/// Most bytes a lingering reader discards before it stops trusting the server: late replies
+/// are bounded by what was in flight, so a server that keeps talking is misbehaving.
+const LINGER_MAX_BYTES: u64 = 4 << 30;
+
+/// Reads and discards the late replies of a dead connection until the server closes it. Err
+/// once the leg was dropped and its linger deadline passed, or the server sent too much.
+fn linger(shared: &Shared) -> Result<(), String> {
+    let fd = shared.fd.as_raw_fd();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut discarded = 0u64;
+    loop {
+        // SAFETY: `buf` is a live, exclusively borrowed buffer of `buf.len()` bytes.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n == 0 {
+            return Ok(());
+        }
+        if n > 0 {
+            discarded += n as u64;
+            if discarded > LINGER_MAX_BYTES {
+                return Err(format!("it sent more than {LINGER_MAX_BYTES} bytes"));
+            }
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                let timeout = match shared.lock().linger_until {
+                    None => None,
+                    Some(t) => {
+                        let left = t.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err("the leg was closed and it did not answer".into());
+                        }
+                        Some(left)
+                    }
+                };
+                if let Err(e) = shared.wait_readable(timeout) {
+                    return Err(format!("poll failed: {e}"));
+                }
+            }
+            // Reset or otherwise broken: the server's end is gone.
+            _ => return Ok(()),
+        }
+    }
 }
 
 fn describe_send_error(e: &io::Error) -> String {
@@ -1010,19 +1234,25 @@ fn describe_recv_error(e: &io::Error, context: &str) -> String {
     }
 }
 
-/// Reads exactly `buf.len()` bytes from the socket.
-fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
+/// Reads exactly `buf.len()` bytes from the socket, unless the leg dies first.
+fn recv_exact(shared: &Shared, buf: &mut [u8]) -> Result<(), Recv> {
+    let fd = shared.fd.as_raw_fd();
     let mut off = 0;
     while off < buf.len() {
+        if !shared.alive.load(Ordering::Acquire) {
+            return Err(Recv::Dead);
+        }
         let rest = &mut buf[off..];
         // SAFETY: `rest` is a live, exclusively borrowed buffer of `rest.len()` bytes.
-        let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), 0) };
+        let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
         match n {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
             n if n < 0 => {
                 let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => shared.wait_readable(None).map_err(Recv::Io)?,
+                    _ => return Err(Recv::Io(e)),
                 }
             }
             n => off += n as usize,
@@ -1031,23 +1261,38 @@ fn recv_exact(fd: RawFd, buf: &mut [u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads exactly `bufs.total_len()` bytes from the socket into `bufs`.
-fn recv_exact_iov(fd: RawFd, scratch: &mut Vec<libc::iovec>, bufs: &Buffers) -> io::Result<()> {
+/// Reads exactly `bufs.total_len()` bytes from the socket into `bufs`, unless the leg dies
+/// first.
+fn recv_exact_iov(
+    shared: &Shared,
+    scratch: &mut Vec<libc::iovec>,
+    bufs: &Buffers,
+) -> Result<(), Recv> {
+    let fd = shared.fd.as_raw_fd();
     scratch.clear();
     scratch.extend(bufs.as_raw().iter().filter(|s| s.iov_len > 0));
     let mut start = 0;
     while start < scratch.len() {
+        if !shared.alive.load(Ordering::Acquire) {
+            return Err(Recv::Dead);
+        }
         let cnt = (scratch.len() - start).min(IOV_MAX);
+        // SAFETY: all-zero is a valid msghdr (null name and control, no flags).
+        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+        mh.msg_iov = scratch[start..].as_mut_ptr();
+        mh.msg_iovlen = cnt as _;
         // SAFETY: the iovecs are the read buffers of a request whose entry the reader removed
         // from the map and has not completed yet; `Buffers::push` obliges the submitter to keep
         // them valid for writes until then, and nothing else writes them meanwhile.
-        let n = unsafe { libc::readv(fd, scratch[start..].as_ptr(), cnt as libc::c_int) };
+        let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_DONTWAIT) };
         match n {
-            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
             n if n < 0 => {
                 let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
+                match e.kind() {
+                    io::ErrorKind::Interrupted => {}
+                    io::ErrorKind::WouldBlock => shared.wait_readable(None).map_err(Recv::Io)?,
+                    _ => return Err(Recv::Io(e)),
                 }
             }
             n => advance(scratch, &mut start, n as usize),
@@ -2002,11 +2247,50 @@ mod tests {
             rx.try_recv().ok(),
             Some((300, Err(LegError::Aborted("test abort".into()))))
         );
-        // The server wakes up and answers whatever reached it: nothing lands in our buffers.
+        // Until the server resumes, it may still execute what it received.
+        assert!(!leg.wait_quiet(Duration::from_millis(200)));
+        // The server wakes up and answers whatever reached it: nothing lands in our buffers,
+        // it sees our end-of-file after its replies and closes the connection itself.
         k.signal(libc::SIGCONT);
-        thread::sleep(Duration::from_millis(300));
+        assert!(
+            leg.wait_quiet(Duration::from_secs(5)),
+            "the server kept the connection"
+        );
         assert!(rb.iter().all(|&b| b == 0xAA), "aborted reads were written");
         assert_quiet(&rx, Duration::from_millis(50));
+    }
+
+    /// A server paused while requests were in flight must survive our giving up on it: it gets
+    /// an orderly end-of-file, not EPIPE on its replies (nbdkit 1.32 dies of an assertion on
+    /// that), and it serves the next connection.
+    #[test]
+    fn paused_server_survives_abort_and_serves_again() {
+        let mut k = Nbdkit::unix(&["memory", "64M"]);
+        let (leg, rx) = open(&k.address);
+        k.signal(libc::SIGSTOP);
+        let mut bufs_w: Vec<Vec<u8>> = (0..64).map(|i| pattern(i, 0, 65536)).collect();
+        for (i, b) in bufs_w.iter_mut().enumerate() {
+            submit(
+                &leg,
+                i as Tag,
+                write((i * 65536) as u64, bufs(b, &[]), false),
+            );
+        }
+        thread::sleep(Duration::from_millis(100));
+        leg.abort("test abort");
+        assert_eq!(collect(&rx, 64, Duration::from_secs(2)).len(), 64);
+        k.signal(libc::SIGCONT);
+        assert!(leg.wait_quiet(Duration::from_secs(5)));
+        drop(leg);
+        thread::sleep(Duration::from_millis(200));
+        assert!(
+            k.child.try_wait().unwrap().is_none(),
+            "nbdkit died after the aborted connection"
+        );
+        let (leg2, rx2) = open(&k.address);
+        let mut rb = vec![0u8; 65536];
+        submit(&leg2, 1, read(0, bufs(&mut rb, &[])));
+        assert_eq!(one(&rx2, 1), Ok(()));
     }
 
     #[test]
