@@ -222,6 +222,8 @@ struct Leg {
     socket: PathBuf,
     image: PathBuf,
     trigger: PathBuf,
+    /// nbdkit's stderr (appended across restarts), kept with the daemon log.
+    log: PathBuf,
     desc: LegDesc,
 }
 
@@ -239,15 +241,16 @@ impl Leg {
         for p in &self.desc.params {
             cmd.arg(p.replace("{trigger}", &self.trigger.display().to_string()));
         }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| {
-                ScenarioError::Setup(format!(
-                    "cannot start nbdkit (install it: apt-get install nbdkit): {e}"
-                ))
-            })?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| ScenarioError::Setup(format!("{}: {e}", self.log.display())))?;
+        let child = cmd.stdout(Stdio::null()).stderr(log).spawn().map_err(|e| {
+            ScenarioError::Setup(format!(
+                "cannot start nbdkit (install it: apt-get install nbdkit): {e}"
+            ))
+        })?;
         self.child = Some(child);
         let t0 = Instant::now();
         while UnixStream::connect(&self.socket).is_err() {
@@ -343,6 +346,7 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
             socket: dir.join(format!("leg{i}.sock")),
             image: dir.join(format!("leg{i}.img")),
             trigger: dir.join(format!("leg{i}.trigger")),
+            log: dir.join(format!("leg{i}.nbdkit.log")),
             desc: d.clone(),
         })
         .collect();
@@ -508,7 +512,13 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
                 inflight += 1;
             }
         } else if inflight == 0 {
-            break;
+            // Events timed after the workload (a server resumed once the writes stopped) still
+            // fire; only then does the wait for the resync begin.
+            if events.iter().all(|(_, done)| *done) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+            continue;
         }
         // Wake at least every 20 ms to fire events and poll the daemon, but never spin.
         let mut timeout = Duration::from_millis(20);

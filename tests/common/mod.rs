@@ -157,7 +157,11 @@ impl Daemon {
             cmd.arg("--leg").arg(l);
         }
         cmd.args(extra)
-            .env("RUST_LOG", "info")
+            // VHM_DAEMON_LOG=debug to see more of the daemon when a test fails.
+            .env(
+                "RUST_LOG",
+                std::env::var("VHM_DAEMON_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         let mut child = cmd.spawn().unwrap();
