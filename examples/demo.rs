@@ -191,6 +191,70 @@ impl Drop for Guest {
     }
 }
 
+/// Kills leg 1's server at `kill_at` and starts it again at `return_at`.
+struct Drill<'a> {
+    kill_at: Duration,
+    return_at: Duration,
+    killed: bool,
+    returned: bool,
+    socks: &'a [PathBuf],
+    images: &'a [PathBuf],
+}
+
+impl<'a> Drill<'a> {
+    fn new(kill_at: u64, return_at: u64, socks: &'a [PathBuf], images: &'a [PathBuf]) -> Self {
+        Drill {
+            kill_at: Duration::from_secs(kill_at),
+            return_at: Duration::from_secs(return_at),
+            killed: false,
+            returned: false,
+            socks,
+            images,
+        }
+    }
+
+    /// Does what is due at `t`.
+    fn step(&mut self, t: Duration, mirror: &BlkMirror, servers: &mut [Child]) {
+        if !self.killed && t >= self.kill_at {
+            self.killed = true;
+            let _ = servers[1].kill();
+            let _ = servers[1].wait();
+            println!(
+                "\n{:5.1}s  *** killed leg 1's nbdkit server (kill -9) ***\n",
+                t.as_secs_f64()
+            );
+        }
+        if self.killed && !self.returned && t >= self.return_at {
+            self.returned = true;
+            servers[1] = nbdkit(&self.socks[1], &self.images[1]);
+            // The mirror retries failed legs on its own with backoff; re-add skips the wait.
+            let _ = mirror.re_add(1);
+            println!(
+                "\n{:5.1}s  *** leg 1's server is back: resync of the chunks it missed ***\n",
+                t.as_secs_f64()
+            );
+        }
+    }
+}
+
+/// Waits (at most a minute) until every leg is up to date again.
+fn wait_up_to_date(mirror: &BlkMirror) -> bool {
+    let waited = Instant::now();
+    while mirror
+        .status()
+        .legs
+        .iter()
+        .any(|l| l.state != mirror::LegState::UpToDate)
+    {
+        if waited.elapsed() > Duration::from_secs(60) {
+            println!("leg 1 did not come back up to date");
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    true
+}
+
 /// The text between `begin` and `end` on the console.
 fn section<'a>(text: &'a str, begin: &str, end: &str) -> Option<&'a str> {
     let a = text.find(begin)? + begin.len();
@@ -356,29 +420,10 @@ fn main() {
         .collect();
     let t0 = Instant::now();
     let mut next_report = 1.0;
-    let mut killed = false;
-    let mut returned = false;
+    let mut drill = Drill::new(kill_at, return_at, &socks, &images);
     loop {
         let t = t0.elapsed();
-        if !killed && t >= Duration::from_secs(kill_at) {
-            killed = true;
-            let _ = servers[1].kill();
-            let _ = servers[1].wait();
-            println!(
-                "\n{:5.1}s  *** killed leg 1's nbdkit server (kill -9) ***\n",
-                t.as_secs_f64()
-            );
-        }
-        if killed && !returned && t >= Duration::from_secs(return_at) {
-            returned = true;
-            servers[1] = nbdkit(&socks[1], &images[1]);
-            // The mirror retries failed legs on its own with backoff; re-add skips the wait.
-            let _ = mirror.re_add(1);
-            println!(
-                "\n{:5.1}s  *** leg 1's server is back: resync of the chunks it missed ***\n",
-                t.as_secs_f64()
-            );
-        }
+        drill.step(t, &mirror, &mut servers);
         let running = t < Duration::from_secs(seconds);
         let mut inflight = slots.iter().filter(|s| s.is_some()).count();
         if running {
@@ -432,19 +477,7 @@ fn main() {
         &format!("acked {ok:>7}"),
         errors,
     );
-    let waited = Instant::now();
-    while mirror
-        .status()
-        .legs
-        .iter()
-        .any(|l| l.state != mirror::LegState::UpToDate)
-    {
-        if waited.elapsed() > Duration::from_secs(60) {
-            println!("leg 1 did not come back up to date");
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_up_to_date(&mirror);
     show(
         &mirror,
         t0.elapsed().as_secs_f64(),
@@ -529,28 +562,12 @@ fn run_guest(
         t_boot.elapsed().as_secs_f64()
     );
     let t0 = Instant::now();
-    let (mut killed, mut returned, mut next_report) = (false, false, 1.0);
+    let mut next_report = 1.0;
     let ops = |m: &BlkMirror| m.status().legs.iter().map(|l| l.ops).max().unwrap_or(0);
+    let mut drill = Drill::new(kill_at, return_at, socks, images);
     while g.child.try_wait().ok().flatten().is_none() {
         let t = t0.elapsed();
-        if !killed && t >= Duration::from_secs(kill_at) {
-            killed = true;
-            let _ = servers[1].kill();
-            let _ = servers[1].wait();
-            println!(
-                "\n{:5.1}s  *** killed leg 1's nbdkit server (kill -9) under the running guest ***\n",
-                t.as_secs_f64()
-            );
-        }
-        if killed && !returned && t >= Duration::from_secs(return_at) {
-            returned = true;
-            servers[1] = nbdkit(&socks[1], &images[1]);
-            let _ = mirror.re_add(1);
-            println!(
-                "\n{:5.1}s  *** leg 1's server is back: resync of the chunks it missed ***\n",
-                t.as_secs_f64()
-            );
-        }
+        drill.step(t, mirror, servers);
         if t.as_secs_f64() >= next_report {
             show(
                 mirror,
@@ -594,18 +611,8 @@ fn run_guest(
         println!("  kernel: {l}");
     }
 
-    let waited = Instant::now();
-    while mirror
-        .status()
-        .legs
-        .iter()
-        .any(|l| l.state != mirror::LegState::UpToDate)
-    {
-        if waited.elapsed() > Duration::from_secs(60) {
-            println!("leg 1 did not come back up to date");
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(250));
+    if !wait_up_to_date(mirror) {
+        return false;
     }
     show(
         mirror,
