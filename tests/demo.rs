@@ -5,20 +5,39 @@ mod common;
 use common::*;
 
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
-/// The demo example, built next to this test by `cargo test --all-targets` (what scripts/test
-/// runs).
+/// The demo example, built the way scripts/demo builds it (`cargo test` builds examples only as
+/// test harnesses, which cannot run the demo).
 fn demo_exe() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let demo = profile_dir.join("examples/demo");
-    assert!(
-        demo.exists(),
-        "{} is not built: run the tests with --all-targets (scripts/test does)",
-        demo.display()
-    );
-    demo
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = Command::new(cargo)
+                .args([
+                    "build",
+                    "--release",
+                    "--example",
+                    "demo",
+                    "--message-format=json",
+                ])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .stderr(Stdio::inherit())
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "cargo build --example demo failed");
+            // Cargo's own report says where the executable went (the target directory may be
+            // anywhere: CARGO_TARGET_DIR, a workspace setting).
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter(|m| m["target"]["name"] == "demo")
+                .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+                .expect("cargo reported no demo executable")
+        })
+        .clone()
 }
 
 fn run(client: &str) -> String {
