@@ -985,9 +985,12 @@ impl Engine {
                 .completion()
                 .map(|cqe| (cqe.user_data(), cqe.result())),
         );
-        for &(ud, res) in &cqes {
-            self.on_cqe(ud, res);
-        }
+        // One completion batch per reap: the layers above may answer these requests together.
+        crate::batch::run(|| {
+            for &(ud, res) in &cqes {
+                self.on_cqe(ud, res);
+            }
+        });
         self.cqes = cqes;
     }
 

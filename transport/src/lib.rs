@@ -5,6 +5,7 @@
 //! implements [`BlockLeg`]: asynchronous, many requests in flight, buffers passed as iovecs that
 //! point straight into guest memory.
 
+pub mod batch;
 pub mod block;
 pub mod file;
 pub mod nbd;

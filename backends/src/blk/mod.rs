@@ -325,13 +325,14 @@ impl VhostUserBackend for VhostUserBlk {
             // request that arrives in between is not left waiting for a kick that never comes.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                ctx.process();
+                // One completion batch per pass: what completes inline is answered at its end.
+                transport::batch::run(|| ctx.process());
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }
             }
         } else {
-            ctx.process();
+            transport::batch::run(|| ctx.process());
         }
         Ok(())
     }

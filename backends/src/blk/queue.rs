@@ -5,6 +5,7 @@
 //! completion thread), which saves a thread hop per request over routing them back through the
 //! vring thread; the vring lock is held only to add the used entry.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -59,9 +60,77 @@ impl Completion {
         if let Err(e) = self.mem.write_obj(byte, self.status) {
             warn!("cannot write status byte at {:#x}: {e}", self.status.0);
         }
+        if transport::batch::active() {
+            // Inside a completion batch (a queue pass that completed requests inline, a leg's
+            // completion loop): the used entries go in together at its end, under one lock of
+            // the vring and with at most one notification.
+            ANSWERS.with(|a| {
+                a.borrow_mut().push(Answer {
+                    vring: self.vring,
+                    state: self.state,
+                    head: self.head,
+                    used_len,
+                })
+            });
+            transport::batch::at_end(publish_answers);
+            return;
+        }
         answer(&self.vring, self.head, used_len);
         self.state.inflight.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A finished request whose used entry waits for the end of this thread's completion batch.
+struct Answer {
+    vring: VringRwLock,
+    state: Arc<QueueState>,
+    head: u16,
+    used_len: u32,
+}
+
+thread_local! {
+    static ANSWERS: RefCell<Vec<Answer>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Puts the answers of this thread's batch into their used rings: per run of answers to the same
+/// queue, one lock of the vring and at most one notification.
+fn publish_answers() {
+    let mut list = ANSWERS.with(|a| std::mem::take(&mut *a.borrow_mut()));
+    let mut i = 0;
+    while i < list.len() {
+        let first = &list[i];
+        let n = list[i..]
+            .iter()
+            .take_while(|a| Arc::ptr_eq(&a.state, &first.state))
+            .count();
+        let notify = {
+            let mut vring = first.vring.get_mut();
+            for a in &list[i..i + n] {
+                if let Err(e) = vring.add_used(a.head, a.used_len) {
+                    warn!("cannot add used entry for descriptor {}: {e}", a.head);
+                }
+            }
+            // With EVENT_IDX the driver says when it wants an interrupt; without it this is
+            // always true.
+            vring.needs_notification()
+        };
+        if !matches!(notify, Ok(false)) {
+            if let Err(e) = first.vring.signal_used_queue() {
+                warn!("cannot signal used queue: {e}");
+            }
+        }
+        // Only now: `drain` (GET_VRING_BASE) must not see a request gone before its used entry.
+        first.state.inflight.fetch_sub(n, Ordering::AcqRel);
+        i += n;
+    }
+    list.clear();
+    // Keep the allocation for the next batch.
+    ANSWERS.with(|a| {
+        let mut a = a.borrow_mut();
+        if a.is_empty() {
+            *a = list;
+        }
+    });
 }
 
 fn answer(vring: &VringRwLock, head: u16, used_len: u32) {
