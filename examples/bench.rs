@@ -1,0 +1,1877 @@
+//! vhost-mirror against qemu-storage-daemon, side by side, in one run.
+//!
+//! Every configuration starts its targets on the same legs (null legs, two image files, two
+//! nbdkit servers) and drives each with the same single-threaded libblkio client on one queue:
+//! random aligned reads or writes over one working set, a fixed number of requests kept in
+//! flight, the latency of every request taken from the client's submit to its completion. The
+//! targets of a configuration are measured back to back, workload by workload, and a markdown
+//! table per configuration gives IOPS, MiB/s, p50 and p99 latency and vhost-mirror's ratio to
+//! each peer. The file and NBD configurations run twice: as the issue asks (images on the root
+//! file system, nbdkit's file plugin) and with the disk taken out (images on tmpfs, nbdkit's
+//! memory plugin), which shows the software path. Then the daemon's resident memory over a
+//! sustained run, the client's IOPS while a leg that was killed and brought back is resynced,
+//! and the resync's own bandwidth with the client idle against a leg's write bandwidth.
+//!
+//! Everything is real: the `vhost-mirror` binary (found next to this example's directory, so
+//! build it first), `qemu-storage-daemon --export type=vhost-user-blk`, nbdkit, libblkio.
+//!
+//! ```sh
+//! cargo build --release && cargo run --release --example bench -- [--seconds N] [--quick] \
+//!     [--out BENCHMARKS-run.md] [--only null,file,file-shm,nbd,nbd-mem,memory,resync] \
+//!     [--no-extra] [--keep]
+//! ```
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::mem::MaybeUninit;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, MemoryRegion, ReqFlags};
+use serde_json::Value;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+/// Bytes of client buffer per request slot (the largest request size: the 1 MiB writes that
+/// measure a leg's write bandwidth for the resync comparison).
+const SLOT: usize = 1024 * 1024;
+/// Largest queue depth (number of slots).
+const MAX_QD: usize = 32;
+/// Room after the working set for vhost-mirror's metadata (bitmap and superblocks).
+const META_ROOM: u64 = 8 * MIB;
+
+/// Section names, in the order they run.
+const SECTIONS: [&str; 7] = [
+    "null", "file", "file-shm", "nbd", "nbd-mem", "memory", "resync",
+];
+
+const USAGE: &str = "\
+usage: cargo run --release --example bench -- [options]
+  --seconds N       measured seconds per run (default 3)
+  --warmup N        unmeasured seconds before each run (default 1)
+  --quick           only QD32 randwrite 4K and QD1 randwrite 4K; no memory/resync runs
+  --size MIB        working set and leg size in MiB (default 1024)
+  --out FILE        also write the report (with the machine's description) to FILE
+  --only LIST       sections to run, from null,file,file-shm,nbd,nbd-mem,memory,resync
+                    (default: all)
+  --extra           with --quick: run the memory and resync sections too
+  --no-extra        skip the memory and resync sections
+  --rss-seconds N   length of the sustained run for the memory section (default 20)
+  --keep            keep the scratch directory (images, daemon logs) at the end
+Build the daemon first: cargo build --release";
+
+struct Opts {
+    seconds: f64,
+    warmup: f64,
+    quick: bool,
+    size: u64,
+    out: Option<PathBuf>,
+    sections: Vec<String>,
+    rss_seconds: f64,
+    keep: bool,
+}
+
+fn parse_args() -> Opts {
+    let mut o = Opts {
+        seconds: 3.0,
+        warmup: 1.0,
+        quick: false,
+        size: 1024 * MIB,
+        out: None,
+        sections: Vec::new(),
+        rss_seconds: 20.0,
+        keep: false,
+    };
+    let mut only: Option<Vec<String>> = None;
+    let mut extra: Option<bool> = None;
+    let mut args = std::env::args().skip(1);
+    let usage = |msg: &str| -> ! {
+        eprintln!("bench: {msg}\n{USAGE}");
+        std::process::exit(2)
+    };
+    let num = |v: Option<String>, name: &str| -> f64 {
+        v.and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or_else(|| usage(&format!("{name} takes a positive number")))
+    };
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--seconds" => o.seconds = num(args.next(), "--seconds"),
+            "--warmup" => o.warmup = num(args.next(), "--warmup"),
+            "--rss-seconds" => o.rss_seconds = num(args.next(), "--rss-seconds"),
+            "--size" => o.size = num(args.next(), "--size") as u64 * MIB,
+            "--quick" => o.quick = true,
+            "--keep" => o.keep = true,
+            "--extra" => extra = Some(true),
+            "--no-extra" => extra = Some(false),
+            "--out" => {
+                o.out = Some(
+                    args.next()
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| usage("--out takes a file name")),
+                )
+            }
+            "--only" => {
+                let list = args.next().unwrap_or_else(|| usage("--only takes a list"));
+                let v: Vec<String> = list.split(',').map(str::to_string).collect();
+                for s in &v {
+                    if !SECTIONS.contains(&s.as_str()) {
+                        usage(&format!("unknown section '{s}'"));
+                    }
+                }
+                only = Some(v);
+            }
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0)
+            }
+            other => usage(&format!("unknown argument '{other}'")),
+        }
+    }
+    if o.size < 64 * MIB {
+        usage("--size must be at least 64 (MiB)");
+    }
+    let extra = extra.unwrap_or(!o.quick);
+    o.sections = only.unwrap_or_else(|| {
+        let mut v: Vec<String> = ["null", "file", "file-shm", "nbd", "nbd-mem"]
+            .map(String::from)
+            .to_vec();
+        if extra {
+            v.extend(["memory", "resync"].map(String::from));
+        }
+        v
+    });
+    o
+}
+
+// ---------------------------------------------------------------------------------------------
+// Processes
+
+/// A child process killed (SIGKILL) and reaped on drop; it also dies with the bench
+/// (PR_SET_PDEATHSIG), so a ^C leaves nothing behind.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> Proc {
+        let f = std::fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let f2 = f.try_clone().expect("dup log file");
+        cmd.stdin(Stdio::null()).stdout(f).stderr(f2);
+        // SAFETY: the closure runs in the forked child before exec and only makes one system
+        // call (prctl), which is async-signal-safe; it touches no memory shared with the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| {
+            panic!(
+                "cannot start {name} ({}): {e}",
+                cmd.get_program().to_string_lossy()
+            )
+        });
+        Proc {
+            name: name.to_string(),
+            child,
+            log,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Panics with the process's log if it has exited.
+    fn check(&mut self) {
+        if let Ok(Some(st)) = self.child.try_wait() {
+            panic!(
+                "{} exited ({st}); its output:\n{}",
+                self.name,
+                self.log_text()
+            );
+        }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, proc: &mut Proc, mut ok: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !ok() {
+        proc.check();
+        if t0.elapsed() > limit {
+            panic!(
+                "timed out after {limit:?} waiting for {what}; {} output:\n{}",
+                proc.name,
+                proc.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The scratch directory (in /var/tmp: a real disk, not tmpfs), the daemon binary, and a
+/// counter for unique names. Removed on drop.
+struct Env {
+    dir: PathBuf,
+    bin: PathBuf,
+    n: std::sync::atomic::AtomicU32,
+    keep: bool,
+}
+
+impl Env {
+    fn new(keep: bool) -> Env {
+        let bin = mirror_binary();
+        let dir = PathBuf::from(format!("/var/tmp/vhm-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        Env {
+            dir,
+            bin,
+            n: std::sync::atomic::AtomicU32::new(0),
+            keep,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn unique(&self, stem: &str) -> String {
+        let n = self.n.fetch_add(1, Ordering::Relaxed) + 1;
+        format!("{stem}{n}")
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("bench: kept {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// `target/<profile>/vhost-mirror`, beside `target/<profile>/examples/bench`.
+fn mirror_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("cannot find the bench's own executable");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|p| p.join("vhost-mirror"));
+    match bin {
+        Some(b) if b.is_file() => b,
+        _ => fail(&format!(
+            "the vhost-mirror binary is not next to {} (expected ../vhost-mirror): \
+             build it first with `cargo build --release`",
+            exe.display()
+        )),
+    }
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("bench: {msg}");
+    std::process::exit(1)
+}
+
+/// First line of `prog --version`, or a loud failure naming the package to install.
+fn tool_version(prog: &str, package: &str) -> String {
+    match Command::new(prog).arg("--version").output() {
+        Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_string(),
+        Ok(out) => fail(&format!(
+            "`{prog} --version` failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Err(e) => fail(&format!(
+            "{prog} is missing ({e}): this benchmark needs it as a peer; \
+             install it with `apt-get install {package}`"
+        )),
+    }
+}
+
+/// An nbdkit server on a unix socket: the file plugin on an image, or the memory plugin.
+struct Nbdkit {
+    proc: Proc,
+    socket: PathBuf,
+    /// Plugin and its parameters.
+    plugin: Vec<String>,
+}
+
+impl Nbdkit {
+    fn start(env: &Env, socket: &Path, image: &Path) -> Nbdkit {
+        Nbdkit::with_plugin(
+            env,
+            socket,
+            vec!["file".into(), format!("file={}", image.display())],
+        )
+    }
+
+    /// The memory plugin: a sparse RAM disk of `size` bytes inside nbdkit.
+    fn memory(env: &Env, socket: &Path, size: u64) -> Nbdkit {
+        Nbdkit::with_plugin(env, socket, vec!["memory".into(), format!("size={size}")])
+    }
+
+    fn with_plugin(env: &Env, socket: &Path, plugin: Vec<String>) -> Nbdkit {
+        let _ = std::fs::remove_file(socket);
+        let mut cmd = Command::new("nbdkit");
+        cmd.args(["--exit-with-parent", "-f", "-U"])
+            .arg(socket)
+            .args(&plugin);
+        let log = env.path(&format!("{}.log", env.unique("nbdkit")));
+        let mut proc = Proc::spawn("nbdkit", cmd, log);
+        let s = socket.to_path_buf();
+        wait_until(
+            "nbdkit's socket",
+            Duration::from_secs(10),
+            &mut proc,
+            || UnixStream::connect(&s).is_ok(),
+        );
+        Nbdkit {
+            proc,
+            socket: socket.to_path_buf(),
+            plugin,
+        }
+    }
+
+    fn restart(&mut self, env: &Env) {
+        self.proc.kill();
+        *self = Nbdkit::with_plugin(env, &self.socket.clone(), self.plugin.clone());
+    }
+
+    fn uri(&self) -> String {
+        format!("nbd+unix:///?socket={}", self.socket.display())
+    }
+}
+
+/// One vhost-user-blk server under test.
+struct Target {
+    label: String,
+    mirror: bool,
+    proc: Proc,
+    socket: PathBuf,
+    control: Option<PathBuf>,
+}
+
+impl Target {
+    /// `vhost-mirror blk` over `legs`; with `metadata`, `vhost-mirror create --assume-clean`
+    /// first, else `--no-metadata`.
+    fn mirror(env: &Env, label: &str, legs: &[String], metadata: bool) -> Target {
+        let name = env.unique("mirror");
+        if metadata {
+            let mut cmd = Command::new(&env.bin);
+            cmd.arg("create").arg("--assume-clean");
+            for l in legs {
+                cmd.arg("--leg").arg(l);
+            }
+            let out = cmd.output().expect("cannot run vhost-mirror create");
+            if !out.status.success() {
+                panic!(
+                    "vhost-mirror create failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        let socket = env.path(&format!("{name}.sock"));
+        let control = env.path(&format!("{name}.ctl"));
+        let mut cmd = Command::new(&env.bin);
+        cmd.arg("blk")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--control")
+            .arg(&control);
+        for l in legs {
+            cmd.arg("--leg").arg(l);
+        }
+        if !metadata {
+            cmd.arg("--no-metadata");
+        }
+        cmd.env("RUST_LOG", "info");
+        let mut proc = Proc::spawn(label, cmd, env.path(&format!("{name}.log")));
+        let s = socket.clone();
+        wait_until(
+            "vhost-mirror's socket",
+            Duration::from_secs(30),
+            &mut proc,
+            || s.exists(),
+        );
+        Target {
+            label: label.to_string(),
+            mirror: true,
+            proc,
+            socket,
+            control: Some(control),
+        }
+    }
+
+    /// qemu-storage-daemon exporting the node named `disk` (the last of `blockdevs`).
+    fn qsd(env: &Env, label: &str, blockdevs: &[String]) -> Target {
+        let name = env.unique("qsd");
+        let socket = env.path(&format!("{name}.sock"));
+        let mut cmd = Command::new("qemu-storage-daemon");
+        for b in blockdevs {
+            cmd.arg("--blockdev").arg(b);
+        }
+        cmd.arg("--export").arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk,addr.type=unix,addr.path={},\
+             writable=on,num-queues=1",
+            socket.display()
+        ));
+        let mut proc = Proc::spawn(label, cmd, env.path(&format!("{name}.log")));
+        let s = socket.clone();
+        wait_until(
+            "qemu-storage-daemon's socket",
+            Duration::from_secs(30),
+            &mut proc,
+            || s.exists(),
+        );
+        Target {
+            label: label.to_string(),
+            mirror: false,
+            proc,
+            socket,
+            control: None,
+        }
+    }
+
+    fn status(&self) -> Value {
+        ctl(
+            self.control.as_ref().expect("not a vhost-mirror target"),
+            r#"{"cmd":"status"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{}: {e}", self.label))
+    }
+
+    /// For vhost-mirror: a note if a leg is not up to date (it was ejected during the run,
+    /// which would make the figures those of a single leg), after trying to bring it back.
+    fn health(&mut self) -> String {
+        self.proc.check();
+        if !self.mirror {
+            return String::new();
+        }
+        let st = self.status();
+        let mut bad = Vec::new();
+        for l in st["legs"].as_array().cloned().unwrap_or_default() {
+            if l["state"] != "uptodate" {
+                bad.push(format!(
+                    "leg {} {} ({})",
+                    l["index"],
+                    l["state"].as_str().unwrap_or("?"),
+                    l["last_error"].as_str().unwrap_or("")
+                ));
+            }
+        }
+        if bad.is_empty() {
+            return String::new();
+        }
+        eprintln!("  !! {}: {}", self.label, bad.join("; "));
+        let control = self.control.clone().unwrap();
+        for i in 0..st["legs"].as_array().map_or(0, Vec::len) {
+            if st["legs"][i]["state"] == "failed" {
+                let _ = ctl(&control, &format!(r#"{{"cmd":"re-add","leg":{i}}}"#));
+            }
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(120) {
+            let st = self.status();
+            let all = st["legs"]
+                .as_array()
+                .is_some_and(|v| v.iter().all(|l| l["state"] == "uptodate"));
+            if all {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        format!("during this run: {}", bad.join("; "))
+    }
+}
+
+/// One request and its answer on a vhost-mirror control socket.
+fn ctl(control: &Path, req: &str) -> Result<Value, String> {
+    let s = UnixStream::connect(control)
+        .map_err(|e| format!("control socket {}: {e}", control.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    writeln!(&s, "{req}").map_err(|e| format!("control socket: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| format!("control socket: {e}"))?;
+    serde_json::from_str(&line).map_err(|e| format!("control socket answered {line:?}: {e}"))
+}
+
+/// VmRSS of a process, in KiB.
+fn vm_rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client
+
+/// A libblkio virtio-blk-vhost-user client with one queue and `MAX_QD` 1 MiB buffers.
+struct Client {
+    _blkio: Blkio,
+    q: Blkioq,
+    region: MemoryRegion,
+    capacity: u64,
+}
+
+impl Client {
+    fn connect(t: &mut Target) -> Client {
+        let path = t
+            .socket
+            .to_str()
+            .expect("socket path is not UTF-8")
+            .to_string();
+        let t0 = Instant::now();
+        let mut blkio = loop {
+            let mut b = Blkio::new("virtio-blk-vhost-user").expect("libblkio driver");
+            b.set_str("path", &path).expect("libblkio path");
+            match b.connect() {
+                Ok(()) => break b,
+                Err(e) => {
+                    t.proc.check();
+                    if t0.elapsed() > Duration::from_secs(10) {
+                        panic!("libblkio cannot connect to {} ({path}): {e:?}", t.label);
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        };
+        blkio.set_i32("num-queues", 1).expect("num-queues");
+        let mut started = blkio
+            .start()
+            .unwrap_or_else(|e| panic!("libblkio start on {}: {e:?}", t.label));
+        let q = started.queues.remove(0);
+        let region = blkio
+            .alloc_mem_region(MAX_QD * SLOT)
+            .expect("alloc_mem_region");
+        blkio.map_mem_region(&region).expect("map_mem_region");
+        let capacity = blkio.get_u64("capacity").expect("capacity");
+        // SAFETY: the region was just allocated for MAX_QD * SLOT bytes, is mapped and lives as
+        // long as the client; no request is in flight yet.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(region.addr as *mut u8, region.len) };
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for b in bytes.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            b.copy_from_slice(&x.to_le_bytes()[..b.len()]);
+        }
+        Client {
+            _blkio: blkio,
+            q,
+            region,
+            capacity,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Workload {
+    qd: usize,
+    write: bool,
+    bs: usize,
+}
+
+impl Workload {
+    fn name(&self) -> String {
+        format!(
+            "QD{} rand{} {}K",
+            self.qd,
+            if self.write { "write" } else { "read" },
+            self.bs / 1024
+        )
+    }
+}
+
+/// Every completion of a run: (completion time since t0 in µs, latency in ns); failed requests
+/// only counted.
+struct Trace {
+    done: Vec<(u32, u32)>,
+    errors: u64,
+}
+
+/// Keeps `w.qd` requests in flight at random `w.bs`-aligned offsets below `ws` until
+/// `going(elapsed since t0)` says stop, then waits for the last ones.
+fn drive(
+    c: &mut Client,
+    w: Workload,
+    ws: u64,
+    seed: u64,
+    t0: Instant,
+    mut going: impl FnMut(Duration) -> bool,
+) -> Trace {
+    assert!(w.qd <= MAX_QD && w.bs <= SLOT);
+    let blocks = ws / w.bs as u64;
+    let mut rng = seed | 1;
+    let mut submitted: Vec<Option<Instant>> = vec![None; w.qd];
+    let mut comps: Vec<MaybeUninit<blkio::Completion>> =
+        (0..MAX_QD).map(|_| MaybeUninit::uninit()).collect();
+    let mut trace = Trace {
+        done: Vec::with_capacity(1 << 20),
+        errors: 0,
+    };
+    let mut inflight = 0usize;
+    loop {
+        let now = Instant::now();
+        if going(now - t0) {
+            for (slot, sub) in submitted.iter_mut().enumerate() {
+                if sub.is_some() {
+                    continue;
+                }
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let off = (rng % blocks) * w.bs as u64;
+                let buf = (c.region.addr + slot * SLOT) as *mut u8;
+                if w.write {
+                    c.q.write(off, buf, w.bs, slot, ReqFlags::empty());
+                } else {
+                    c.q.read(off, buf, w.bs, slot, ReqFlags::empty());
+                }
+                *sub = Some(now);
+                inflight += 1;
+            }
+        } else if inflight == 0 {
+            break;
+        }
+        let mut timeout = Duration::from_secs(60);
+        let n = match c.q.do_io(&mut comps, 1, Some(&mut timeout), None) {
+            Ok(n) => n,
+            Err(e) => panic!("do_io failed ({inflight} requests in flight): {e:?}"),
+        };
+        let end = Instant::now();
+        let at = (end - t0).as_micros().min(u32::MAX as u128) as u32;
+        for comp in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let comp = unsafe { comp.assume_init_ref() };
+            let sub = submitted[comp.user_data]
+                .take()
+                .expect("completion for an idle slot");
+            inflight -= 1;
+            if comp.ret == 0 {
+                let ns = (end - sub).as_nanos().min(u32::MAX as u128) as u32;
+                trace.done.push((at, ns));
+            } else {
+                trace.errors += 1;
+            }
+        }
+    }
+    trace
+}
+
+#[derive(Clone, Copy, Default)]
+struct Stats {
+    iops: f64,
+    mibs: f64,
+    p50: f64,
+    p99: f64,
+    n: usize,
+}
+
+/// Figures for completions between `from` and `to` (since t0).
+fn window(trace: &Trace, from: Duration, to: Duration, bs: usize) -> Stats {
+    let (a, b) = (from.as_micros() as u32, to.as_micros() as u32);
+    let mut lat: Vec<u32> = trace
+        .done
+        .iter()
+        .filter(|(at, _)| *at >= a && *at < b)
+        .map(|(_, ns)| *ns)
+        .collect();
+    let secs = (to - from).as_secs_f64();
+    if lat.is_empty() || secs <= 0.0 {
+        return Stats::default();
+    }
+    lat.sort_unstable();
+    let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)] as f64 / 1000.0;
+    let iops = lat.len() as f64 / secs;
+    Stats {
+        iops,
+        mibs: iops * bs as f64 / MIB as f64,
+        p50: pct(50),
+        p99: pct(99),
+        n: lat.len(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configurations
+
+struct Row {
+    workload: Workload,
+    target: String,
+    mirror: bool,
+    stats: Stats,
+    note: String,
+}
+
+fn workloads(quick: bool) -> Vec<Workload> {
+    if quick {
+        return vec![
+            Workload {
+                qd: 32,
+                write: true,
+                bs: 4096,
+            },
+            Workload {
+                qd: 1,
+                write: true,
+                bs: 4096,
+            },
+        ];
+    }
+    let mut v = Vec::new();
+    for qd in [1, 32] {
+        for write in [true, false] {
+            for bs in [4096, 65536] {
+                v.push(Workload { qd, write, bs });
+            }
+        }
+    }
+    v
+}
+
+/// Runs every workload on every target, back to back; prints each row as it comes.
+fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
+    let mut clients: Vec<Client> = targets.iter_mut().map(Client::connect).collect();
+    let cap = clients.iter().map(|c| c.capacity).min().unwrap_or(0);
+    let ws = cap.min(ws_limit) / SLOT as u64 * SLOT as u64;
+    println!("  working set {} MiB (capacities: {})", ws / MIB, {
+        let v: Vec<String> = clients
+            .iter()
+            .zip(targets.iter())
+            .map(|(c, t)| format!("{} {} MiB", t.label, c.capacity / MIB))
+            .collect();
+        v.join(", ")
+    });
+    let warm = Duration::from_secs_f64(opts.warmup);
+    let dur = Duration::from_secs_f64(opts.seconds);
+    let mut rows = Vec::new();
+    for (wi, w) in workloads(opts.quick).into_iter().enumerate() {
+        for (t, c) in targets.iter_mut().zip(clients.iter_mut()) {
+            let t0 = Instant::now();
+            let trace = drive(c, w, ws, 0x9e37_79b9 + wi as u64, t0, |e| e < warm + dur);
+            let stats = window(&trace, warm, warm + dur, w.bs);
+            let mut note = t.health();
+            if trace.errors > 0 {
+                note = format!("{} I/O errors. {note}", trace.errors);
+            }
+            println!(
+                "  {:<18} {:<44} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs {note}",
+                w.name(),
+                t.label,
+                stats.iops,
+                stats.mibs,
+                stats.p50,
+                stats.p99
+            );
+            rows.push(Row {
+                workload: w,
+                target: t.label.clone(),
+                mirror: t.mirror,
+                stats,
+                note,
+            });
+        }
+    }
+    rows
+}
+
+/// The markdown table: per workload, vhost-mirror's row and each peer with the ratios.
+fn table(rows: &[Row]) -> String {
+    let mut s = String::new();
+    s.push_str(
+        "| workload | target | IOPS | MiB/s | p50 µs | p99 µs | vhost-mirror IOPS ÷ this | \
+         vhost-mirror p50 ÷ this (QD1) |\n",
+    );
+    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    let mut i = 0;
+    while i < rows.len() {
+        let w = rows[i].workload.name();
+        let group: Vec<&Row> = rows[i..]
+            .iter()
+            .take_while(|r| r.workload.name() == w)
+            .collect();
+        i += group.len();
+        let mirror = group.iter().find(|r| r.mirror).map(|r| r.stats);
+        for r in &group {
+            let (ri, rp) = match (mirror, r.mirror) {
+                (Some(m), false) => {
+                    let ri = if r.stats.iops > 0.0 {
+                        format!("{:.2}×", m.iops / r.stats.iops)
+                    } else {
+                        "–".into()
+                    };
+                    let rp = if r.workload.qd == 1 && r.stats.p50 > 0.0 {
+                        format!("{:.2}×", m.p50 / r.stats.p50)
+                    } else {
+                        String::new()
+                    };
+                    (ri, rp)
+                }
+                _ => (String::new(), String::new()),
+            };
+            let target = if r.note.is_empty() {
+                r.target.clone()
+            } else {
+                format!("{} ⚠ {}", r.target, r.note)
+            };
+            let _ = writeln!(
+                s,
+                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                w, target, r.stats.iops, r.stats.mibs, r.stats.p50, r.stats.p99, ri, rp
+            );
+        }
+    }
+    s
+}
+
+/// Warnings the vhost-mirror daemons logged (e.g. a file leg falling back to buffered I/O).
+fn mirror_warnings(targets: &[Target]) -> String {
+    let mut s = String::new();
+    for t in targets.iter().filter(|t| t.mirror) {
+        for l in t.proc.log_text().lines() {
+            // The bench's own client leaving at the end of the section is expected.
+            let expected = l.contains("frontend connection ended");
+            if (l.contains("WARN") || l.contains("ERROR")) && !expected {
+                let _ = writeln!(s, "- {} logged: `{}`", t.label, l.trim());
+            }
+        }
+    }
+    s
+}
+
+/// A leg image of `size` bytes with every block written, so reads hit allocated blocks.
+fn image(path: &Path, size: u64) {
+    let mut f = std::fs::File::create(path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    let chunk = vec![0u8; 4 * MIB as usize];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(chunk.len() as u64) as usize;
+        f.write_all(&chunk[..n])
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+        left -= n as u64;
+    }
+    f.sync_all().expect("fsync image");
+}
+
+fn section(title: &str, setup: &str, rows: &[Row], warnings: &str) -> String {
+    let mut s = format!("### {title}\n\n{setup}\n\n{}", table(rows));
+    if !warnings.is_empty() {
+        s.push('\n');
+        s.push_str(warnings);
+    }
+    s.push('\n');
+    s
+}
+
+fn null_section(env: &Env, opts: &Opts) -> String {
+    println!("\n== null legs ==");
+    let size = opts.size;
+    let mut targets = vec![
+        Target::mirror(
+            env,
+            "vhost-mirror (2 null legs)",
+            &[format!("null:{size}"), format!("null:{size}")],
+            false,
+        ),
+        Target::qsd(
+            env,
+            "qsd null-co",
+            &[format!(
+                "driver=null-co,node-name=disk,size={size},read-zeroes=on"
+            )],
+        ),
+    ];
+    let rows = measure(opts, &mut targets, size);
+    let warn = mirror_warnings(&targets);
+    section(
+        "a. Null legs: the pipeline alone",
+        &format!(
+            "vhost-mirror `blk --no-metadata --leg null:{size} --leg null:{size}` vs \
+             qsd `--blockdev driver=null-co,size={size},read-zeroes=on` (one null device)."
+        ),
+        &rows,
+        &warn,
+    )
+}
+
+fn file_node(name: &str, img: &Path) -> String {
+    format!(
+        "driver=file,node-name={name},filename={},cache.direct=on,aio=native,locking=off",
+        img.display()
+    )
+}
+
+fn file_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+    file_legs(
+        env,
+        opts,
+        imgs,
+        "b. Two file legs (O_DIRECT, fully written images on the root ext4)",
+        "Both images sit on the same virtual disk, so a mirrored write costs that disk two \
+         writes.",
+    )
+}
+
+/// The same with both images in /dev/shm (tmpfs, which takes O_DIRECT since Linux 6.6): no
+/// disk under the legs, so what is left is the software path.
+fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
+    let dir = PathBuf::from(format!("/dev/shm/vhm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let imgs = [dir.join("leg0.img"), dir.join("leg1.img")];
+    for p in &imgs {
+        image(p, opts.size + META_ROOM);
+    }
+    let s = file_legs(
+        env,
+        opts,
+        &imgs,
+        "b2. Two file legs on tmpfs (O_DIRECT, images in /dev/shm)",
+        "The images live in RAM (tmpfs honours O_DIRECT since Linux 6.6): no disk behind the \
+         legs, so this shows the cost of the software path itself.",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    s
+}
+
+fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &str) -> String {
+    println!("\n== {title} ==");
+    let legs: Vec<String> = imgs
+        .iter()
+        .map(|p| format!("file:{}", p.display()))
+        .collect();
+    let mut targets = vec![
+        Target::mirror(env, "vhost-mirror (2 file legs)", &legs, true),
+        Target::qsd(
+            env,
+            "qsd file (aio=native)",
+            &[format!(
+                "driver=file,node-name=disk,filename={},cache.direct=on,aio=native,locking=off",
+                imgs[0].display()
+            )],
+        ),
+        Target::qsd(
+            env,
+            "qsd file (aio=io_uring)",
+            &[format!(
+                "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring,locking=off",
+                imgs[0].display()
+            )],
+        ),
+        Target::qsd(
+            env,
+            "qsd quorum over both files (native)",
+            &[
+                file_node("f0", &imgs[0]),
+                file_node("f1", &imgs[1]),
+                "driver=quorum,node-name=disk,vote-threshold=2,children.0=f0,children.1=f1,\
+                 read-pattern=fifo"
+                    .to_string(),
+            ],
+        ),
+    ];
+    let rows = measure(opts, &mut targets, opts.size);
+    let warn = mirror_warnings(&targets);
+    section(
+        title,
+        &format!(
+            "vhost-mirror `blk --leg file:leg0.img --leg file:leg1.img` after \
+             `create --assume-clean` (metadata on), both legs io_uring + O_DIRECT, reads \
+             `least-outstanding` over both legs; vs qsd exporting leg0.img alone with \
+             `driver=file,cache.direct=on` and `aio=native` or `aio=io_uring`, and vs qsd \
+             `driver=quorum,vote-threshold=2,read-pattern=fifo` over both files (`aio=native`): \
+             the same two writes per guest write as vhost-mirror. {place} Images: {} MiB \
+             each, every block written beforehand.",
+            (opts.size + META_ROOM) / MIB
+        ),
+        &rows,
+        &warn,
+    )
+}
+
+fn nbd_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+    let nbd = [
+        Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
+        Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
+    ];
+    nbd_legs(
+        env,
+        opts,
+        nbd,
+        true,
+        "c. Two NBD legs (nbdkit file plugin on unix sockets)",
+        "Two `nbdkit -U SOCK file file=legN.img` servers (default options: page cache, 16 \
+         threads) over the same two images as (b).",
+    )
+}
+
+/// The same with nbdkit's memory plugin: servers that cost little, so the clients show.
+fn nbd_mem_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
+    let size = opts.size + META_ROOM;
+    let nbd = [
+        Nbdkit::memory(env, &env.path("nbdm0.sock"), size),
+        Nbdkit::memory(env, &env.path("nbdm1.sock"), size),
+    ];
+    nbd_legs(
+        env,
+        opts,
+        nbd,
+        false,
+        "c2. Two NBD legs (nbdkit memory plugin on unix sockets)",
+        &format!(
+            "Two `nbdkit -U SOCK memory size={size}` servers: a RAM disk inside each server, no \
+             file system, so the servers cost far less CPU than in (c) and the NBD clients' own \
+             cost shows."
+        ),
+    )
+}
+
+fn nbd_legs(
+    env: &Env,
+    opts: &Opts,
+    nbd: [Nbdkit; 2],
+    all_quorum: bool,
+    title: &str,
+    servers: &str,
+) -> String {
+    println!("\n== {title} ==");
+    let uris: Vec<String> = nbd.iter().map(Nbdkit::uri).collect();
+    let node = |name: &str, n: &Nbdkit| {
+        format!(
+            "driver=nbd,node-name={name},server.type=unix,server.path={}",
+            n.socket.display()
+        )
+    };
+    let quorum = |pattern: &str| {
+        vec![
+            node("q0", &nbd[0]),
+            node("q1", &nbd[1]),
+            format!(
+                "driver=quorum,node-name=disk,vote-threshold=2,children.0=q0,children.1=q1,\
+                 read-pattern={pattern}"
+            ),
+        ]
+    };
+    let mut targets = vec![
+        Target::mirror(env, "vhost-mirror (2 NBD legs)", &uris, true),
+        Target::qsd(env, "qsd nbd (1 leg, no mirror)", &[node("disk", &nbd[0])]),
+        Target::qsd(env, "qsd quorum vt=2 read-pattern=fifo", &quorum("fifo")),
+    ];
+    if all_quorum {
+        targets.push(Target::qsd(
+            env,
+            "qsd quorum vt=2 read-pattern=quorum",
+            &quorum("quorum"),
+        ));
+    }
+    let rows = measure(opts, &mut targets, opts.size);
+    let warn = mirror_warnings(&targets);
+    drop(targets);
+    drop(nbd);
+    section(
+        title,
+        &format!(
+            "{servers} vhost-mirror `blk --leg nbd+unix:///?socket=nbd0.sock --leg \
+             nbd+unix:///?socket=nbd1.sock` after `create --assume-clean`; qsd \
+             `driver=nbd,server.type=unix` on leg 0 alone (no redundancy: the floor); qsd \
+             `driver=quorum,vote-threshold=2,children.0=q0,children.1=q1` over both legs with \
+             `read-pattern=fifo` (reads from child 0){}.",
+            if all_quorum {
+                " and with the default `read-pattern=quorum` (every read goes to both children \
+                 and is compared)"
+            } else {
+                ""
+            }
+        ),
+        &rows,
+        &warn,
+    )
+}
+
+/// Samples `pid`'s VmRSS every second while a sustained QD32 4K random write runs.
+fn rss_run(opts: &Opts, t: &mut Target) -> (String, String) {
+    let mut c = Client::connect(t);
+    let ws = c.capacity.min(opts.size) / SLOT as u64 * SLOT as u64;
+    let pid = t.proc.pid();
+    let idle = vm_rss_kib(pid).unwrap_or(0);
+    let w = Workload {
+        qd: 32,
+        write: true,
+        bs: 4096,
+    };
+    let total = Duration::from_secs_f64(opts.rss_seconds);
+    let samples = Mutex::new(Vec::new());
+    let stop = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let trace = std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut next = Duration::ZERO;
+            while !stop.load(Ordering::Relaxed) {
+                if t0.elapsed() >= next {
+                    if let Some(kib) = vm_rss_kib(pid) {
+                        samples.lock().unwrap().push((t0.elapsed(), kib));
+                    }
+                    next += Duration::from_secs(1);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let trace = drive(&mut c, w, ws, 7, t0, |e| e < total);
+        stop.store(true, Ordering::Relaxed);
+        trace
+    });
+    let note = t.health();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = vm_rss_kib(pid).unwrap_or(0);
+    let samples = samples.into_inner().unwrap();
+    let st = window(&trace, Duration::ZERO, total, w.bs);
+    let mib = |k: u64| k as f64 / 1024.0;
+    let first = samples.first().map_or(0, |s| s.1);
+    let max = samples.iter().map(|s| s.1).max().unwrap_or(0);
+    let at = |secs: f64| {
+        samples
+            .iter()
+            .min_by_key(|(t, _)| ((t.as_secs_f64() - secs).abs() * 1000.0) as u64)
+            .map_or(0, |s| s.1)
+    };
+    let mid = at(opts.rss_seconds / 2.0);
+    let last = samples.last().map_or(0, |s| s.1);
+    println!(
+        "  {:<40} idle {:.1} MiB, 1st s {:.1}, mid-run {:.1}, end {:.1}, max {:.1}, 2 s after {:.1} MiB \
+         ({} writes, {:.0} IOPS, {} errors) {note}",
+        t.label,
+        mib(idle),
+        mib(first),
+        mib(mid),
+        mib(last),
+        mib(max),
+        mib(after),
+        st.n,
+        st.iops,
+        trace.errors
+    );
+    let timeline: Vec<String> = samples.iter().map(|s| format!("{:.1}", mib(s.1))).collect();
+    let timeline = format!(
+        "- {}: VmRSS in MiB, one sample per second: {}\n",
+        t.label,
+        timeline.join(" ")
+    );
+    let row = format!(
+        "| {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {:.0} |{}\n",
+        t.label,
+        mib(idle),
+        mib(first),
+        mib(mid),
+        mib(last),
+        mib(max),
+        mib(after),
+        st.n,
+        st.iops,
+        if note.is_empty() {
+            String::new()
+        } else {
+            format!(" ⚠ {note}")
+        }
+    );
+    (row, timeline)
+}
+
+fn memory_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+    println!("\n== resident memory over a sustained run ==");
+    let nbd = [
+        Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
+        Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
+    ];
+    let uris: Vec<String> = nbd.iter().map(Nbdkit::uri).collect();
+    let mut rows = String::new();
+    let mut timelines = String::new();
+    {
+        let mut t = Target::mirror(env, "vhost-mirror (2 NBD legs)", &uris, true);
+        let (r, tl) = rss_run(opts, &mut t);
+        rows.push_str(&r);
+        timelines.push_str(&tl);
+    }
+    {
+        let node = |name: &str, n: &Nbdkit| {
+            format!(
+                "driver=nbd,node-name={name},server.type=unix,server.path={}",
+                n.socket.display()
+            )
+        };
+        let mut t = Target::qsd(
+            env,
+            "qsd quorum vt=2 (same legs)",
+            &[
+                node("q0", &nbd[0]),
+                node("q1", &nbd[1]),
+                "driver=quorum,node-name=disk,vote-threshold=2,children.0=q0,children.1=q1,\
+                 read-pattern=fifo"
+                    .to_string(),
+            ],
+        );
+        let (r, tl) = rss_run(opts, &mut t);
+        rows.push_str(&r);
+        timelines.push_str(&tl);
+    }
+    format!(
+        "### Resident memory (VmRSS) over a sustained run\n\n\
+         Each daemon fresh on the two NBD legs; VmRSS from /proc/PID/status sampled every \
+         second through {:.0} s of QD32 4K random writes over {} MiB, then 2 s after the run.\n\n\
+         | daemon | idle MiB | after 1 s | mid-run | end of run | max | 2 s after | writes | IOPS |\n\
+         | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n{rows}\n{timelines}\n",
+        opts.rss_seconds,
+        opts.size / MIB
+    )
+}
+
+/// What the controller thread saw during the resync run.
+#[derive(Default)]
+struct ResyncLog {
+    events: Vec<(Duration, String)>,
+    killed: Option<Duration>,
+    failed: Option<Duration>,
+    restarted: Option<Duration>,
+    resync_first: Option<Duration>,
+    resync_last: Option<Duration>,
+    done: Option<Duration>,
+    total_bytes: u64,
+    last_rate: u64,
+    dirty_at_readd: u64,
+}
+
+fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+    println!("\n== resync under load ==");
+    let mut nbd = [
+        Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
+        Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
+    ];
+    let uris: Vec<String> = nbd.iter().map(Nbdkit::uri).collect();
+    let mut t = Target::mirror(env, "vhost-mirror (2 NBD legs)", &uris, true);
+    let mut c = Client::connect(&mut t);
+    let ws = c.capacity.min(opts.size) / SLOT as u64 * SLOT as u64;
+    let control = t.control.clone().unwrap();
+    let w = Workload {
+        qd: 32,
+        write: true,
+        bs: 4096,
+    };
+    let warm = Duration::from_secs_f64(opts.warmup);
+    let steady = Duration::from_secs(5);
+    let degraded = Duration::from_secs(3);
+    let after = Duration::from_secs(2);
+    let stop = AtomicBool::new(false);
+    let t0 = Instant::now();
+    let (trace, log) = std::thread::scope(|s| {
+        let nbd1 = &mut nbd[1];
+        let stop = &stop;
+        let control = &control;
+        let client = &mut c;
+        // The client runs on its own thread and the controller on this one: a process started
+        // with PR_SET_PDEATHSIG dies with the *thread* that started it, so the restarted
+        // nbdkit must come from a thread that outlives the run.
+        let driver =
+            s.spawn(move || drive(client, w, ws, 11, t0, |_| !stop.load(Ordering::Relaxed)));
+        // Stops the client even if the controller panics, so the scope can end.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let _stop_guard = StopOnDrop(stop);
+        let log = {
+            let mut log = ResyncLog::default();
+            let log = &mut log;
+            let status = || ctl(control, r#"{"cmd":"status"}"#).unwrap_or(Value::Null);
+            let ev = |log: &mut ResyncLog, m: String| {
+                println!("  {:6.2}s  {m}", t0.elapsed().as_secs_f64());
+                log.events.push((t0.elapsed(), m));
+            };
+            std::thread::sleep((warm + steady).saturating_sub(t0.elapsed()));
+            nbd1.proc.kill();
+            log.killed = Some(t0.elapsed());
+            ev(log, "SIGKILL to leg 1's nbdkit".into());
+            let lim = Instant::now();
+            while status()["legs"][1]["state"] != "failed"
+                && lim.elapsed() < Duration::from_secs(10)
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            log.failed = Some(t0.elapsed());
+            ev(
+                log,
+                format!(
+                    "leg 1 is {}",
+                    status()["legs"][1]["state"].as_str().unwrap_or("?")
+                ),
+            );
+            std::thread::sleep(degraded);
+            nbd1.restart(env);
+            log.restarted = Some(t0.elapsed());
+            let st = status();
+            log.dirty_at_readd = st["dirty_chunks"].as_u64().unwrap_or(0);
+            let answer = ctl(control, r#"{"cmd":"re-add","leg":1}"#)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|e| e);
+            ev(
+                log,
+                format!(
+                    "leg 1's nbdkit restarted; {} dirty chunks; re-add answered {answer}",
+                    log.dirty_at_readd
+                ),
+            );
+            let lim = Instant::now();
+            loop {
+                let st = status();
+                let now = t0.elapsed();
+                if !st["resync"].is_null() {
+                    if log.resync_first.is_none() {
+                        log.resync_first = Some(now);
+                        ev(log, format!("resync running: {}", st["resync"]));
+                    }
+                    log.resync_last = Some(now);
+                    log.total_bytes = st["resync"]["total_bytes"].as_u64().unwrap_or(0);
+                    log.last_rate = st["resync"]["rate"].as_u64().unwrap_or(0);
+                } else if st["legs"][1]["state"] == "uptodate" && log.resync_first.is_some() {
+                    log.done = Some(now);
+                    ev(log, "resync done, leg 1 up to date".into());
+                    break;
+                }
+                if lim.elapsed() > Duration::from_secs(300) {
+                    ev(log, format!("resync not done after 300 s: {st}"));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            std::thread::sleep(after);
+            stop.store(true, Ordering::Relaxed);
+            std::mem::take(log)
+        };
+        (driver.join().expect("client thread panicked"), log)
+    });
+    let daemon_log = t.proc.log_text();
+    let note = t.health();
+    let idle = idle_resync(env, &mut t, &mut c, &mut nbd, ws);
+    drop(c);
+    drop(t);
+    let leg_bw = leg_write_bandwidth(env, opts, &nbd[1]);
+    let bs = w.bs;
+    let ms = |d: Option<Duration>| d.unwrap_or_default();
+    let st_steady = window(&trace, warm, warm + steady, bs);
+    let st_degraded = window(
+        &trace,
+        ms(log.failed) + Duration::from_millis(200),
+        ms(log.restarted),
+        bs,
+    );
+    let (r0, r1) = (ms(log.resync_first), ms(log.done).max(ms(log.resync_last)));
+    let st_resync = window(&trace, r0, r1, bs);
+    let st_after = window(&trace, r1, r1 + after, bs);
+    // The slowest 250 ms slice of the resync.
+    let mut worst = f64::INFINITY;
+    let mut at = r0;
+    while at + Duration::from_millis(250) <= r1 {
+        worst = worst.min(window(&trace, at, at + Duration::from_millis(250), bs).iops);
+        at += Duration::from_millis(250);
+    }
+    let secs = (r1 - r0).as_secs_f64();
+    let mut s = String::from("### Client IOPS during a resync\n\n");
+    let _ = writeln!(
+        s,
+        "A fresh daemon on the two NBD legs (metadata, 1 MiB chunks), QD32 4K random writes \
+         over {} MiB throughout. After {:.0} s of steady state leg 1's nbdkit gets SIGKILL; \
+         {:.0} s later it is restarted and `{{\"cmd\":\"re-add\",\"leg\":1}}` is sent; the \
+         client keeps writing while the dirty chunks are copied, and {:.0} s after. Resync rate \
+         unlimited (the default).\n",
+        ws / MIB,
+        steady.as_secs_f64(),
+        degraded.as_secs_f64(),
+        after.as_secs_f64()
+    );
+    s.push_str("| phase | seconds | IOPS | vs steady | p50 µs | p99 µs |\n");
+    s.push_str("| --- | ---: | ---: | ---: | ---: | ---: |\n");
+    let mut phase = |name: &str, st: Stats, secs: f64| {
+        let _ = writeln!(
+            s,
+            "| {name} | {secs:.1} | {:.0} | {:.2}× | {:.1} | {:.1} |",
+            st.iops,
+            if st_steady.iops > 0.0 {
+                st.iops / st_steady.iops
+            } else {
+                0.0
+            },
+            st.p50,
+            st.p99
+        );
+    };
+    phase("steady, both legs", st_steady, steady.as_secs_f64());
+    phase(
+        "degraded, leg 1 down",
+        st_degraded,
+        (ms(log.restarted).saturating_sub(ms(log.failed))).as_secs_f64(),
+    );
+    phase("during resync", st_resync, secs);
+    phase("after resync", st_after, after.as_secs_f64());
+    s.push('\n');
+    let resync_lines: Vec<&str> = daemon_log
+        .lines()
+        .filter(|l| l.contains("resyncing") || l.contains("up to date again"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "- resync: {} dirty chunks at re-add, {:.1} MiB to copy, seen running for {:.2} s \
+         (status polled every 50 ms) → about {:.0} MiB/s; last `resync.rate` in status {:.0} MiB/s",
+        log.dirty_at_readd,
+        log.total_bytes as f64 / MIB as f64,
+        secs,
+        if secs > 0.0 {
+            log.total_bytes as f64 / MIB as f64 / secs
+        } else {
+            0.0
+        },
+        log.last_rate as f64 / MIB as f64
+    );
+    if worst.is_finite() {
+        let _ = writeln!(
+            s,
+            "- slowest 250 ms slice during the resync: {:.0} IOPS ({:.2}× steady)",
+            worst,
+            worst / st_steady.iops.max(1.0)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "- guest-visible errors over the whole run: {}{}",
+        trace.errors,
+        if note.is_empty() {
+            String::new()
+        } else {
+            format!(" ⚠ {note}")
+        }
+    );
+    for l in resync_lines {
+        let _ = writeln!(s, "- daemon log: `{}`", l.trim());
+    }
+    if let (Some(k), Some(f)) = (log.killed, log.failed) {
+        let _ = writeln!(
+            s,
+            "- leg 1 seen failed in status {:.0} ms after its server was killed",
+            (f - k).as_secs_f64() * 1000.0
+        );
+    }
+    for (at, e) in &log.events {
+        let _ = writeln!(s, "- at {:.2} s: {e}", at.as_secs_f64());
+    }
+    let _ = writeln!(
+        s,
+        "\n#### Resync bandwidth with the guest idle, against a leg's write bandwidth\n\n\
+         The same daemon, leg 1's nbdkit killed again; the client writes QD32 4K at random for \
+         {:.0} s (every chunk of the working set gets dirty), then stops. With the client idle, \
+         leg 1's nbdkit is restarted and re-added; the resync (unlimited rate) is timed from the \
+         daemon's own log lines (\"resyncing\" … \"up to date again\"). A leg's write bandwidth: \
+         qemu-storage-daemon exporting leg 1's NBD server alone (`driver=nbd`), 1 MiB random \
+         writes from the same client, {:.0} s each at QD1 and QD4; its read bandwidth likewise \
+         (a resync reads every chunk from leg 0 and writes it to leg 1).\n",
+        IDLE_DIRTY_SECS, opts.seconds
+    );
+    s.push_str("| measurement | MiB/s | resync ÷ this |\n| --- | ---: | ---: |\n");
+    let resync_mibs = idle.mibs();
+    let _ = writeln!(
+        s,
+        "| resync, guest idle: {:.1} MiB in {:.2} s | {:.1} | |",
+        idle.bytes as f64 / MIB as f64,
+        idle.secs,
+        resync_mibs
+    );
+    for (name, mibs) in &leg_bw {
+        let _ = writeln!(
+            s,
+            "| {name} | {mibs:.1} | {} |",
+            if *mibs > 0.0 {
+                format!("{:.2}×", resync_mibs / mibs)
+            } else {
+                "–".into()
+            }
+        );
+    }
+    if !idle.note.is_empty() {
+        let _ = writeln!(s, "\n- ⚠ {}", idle.note);
+    }
+    print!("{s}");
+    drop(nbd);
+    s.push('\n');
+    s
+}
+
+/// Seconds of client writes with leg 1 down before the idle resync.
+const IDLE_DIRTY_SECS: f64 = 2.0;
+
+/// An uncapped resync timed with no guest I/O.
+struct IdleResync {
+    bytes: u64,
+    secs: f64,
+    note: String,
+}
+
+impl IdleResync {
+    fn mibs(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.bytes as f64 / MIB as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Seconds since midnight of a log line's `[2026-01-01T12:34:56.789Z ...` timestamp.
+fn log_time(line: &str) -> Option<f64> {
+    let t = line.split('T').nth(1)?.split('Z').next()?;
+    let mut p = t.split(':');
+    let h: f64 = p.next()?.parse().ok()?;
+    let m: f64 = p.next()?.parse().ok()?;
+    let s: f64 = p.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
+}
+
+/// Kills leg 1's server, dirties the working set, stops the client, brings the leg back and
+/// times the resync from the daemon's log.
+fn idle_resync(
+    env: &Env,
+    t: &mut Target,
+    c: &mut Client,
+    nbd: &mut [Nbdkit; 2],
+    ws: u64,
+) -> IdleResync {
+    println!("  -- resync with the guest idle --");
+    let control = t.control.clone().unwrap();
+    let status = || ctl(&control, r#"{"cmd":"status"}"#).unwrap_or(Value::Null);
+    let wait = |what: &str, limit: Duration, ok: &dyn Fn(&Value) -> bool| -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < limit {
+            if ok(&status()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("  !! timed out waiting for {what}: {}", status());
+        false
+    };
+    let log_before = t.proc.log_text().lines().count();
+    nbd[1].proc.kill();
+    let w = Workload {
+        qd: 32,
+        write: true,
+        bs: 4096,
+    };
+    let t0 = Instant::now();
+    let dirty = Duration::from_secs_f64(IDLE_DIRTY_SECS);
+    let trace = drive(c, w, ws, 13, t0, |e| e < dirty);
+    wait("leg 1 failed", Duration::from_secs(10), &|st| {
+        st["legs"][1]["state"] == "failed"
+    });
+    let dirty_chunks = status()["dirty_chunks"].as_u64().unwrap_or(0);
+    println!(
+        "  leg 1 down, {} writes ({} errors); {dirty_chunks} dirty chunks; client idle",
+        trace.done.len(),
+        trace.errors
+    );
+    // Let the daemon settle (the bitmap sweeps) before the clock starts.
+    std::thread::sleep(Duration::from_millis(500));
+    nbd[1].restart(env);
+    let _ = ctl(&control, r#"{"cmd":"re-add","leg":1}"#);
+    let done = wait("leg 1 up to date", Duration::from_secs(600), &|st| {
+        st["legs"][1]["state"] == "uptodate" && st["resync"].is_null()
+    });
+    let log = t.proc.log_text();
+    let lines: Vec<&str> = log.lines().skip(log_before).collect();
+    let start = lines
+        .iter()
+        .find(|l| l.contains("resyncing") && l.contains("dirty chunks"));
+    let end = lines.iter().find(|l| l.contains("up to date again"));
+    let bytes = start
+        .and_then(|l| l.split('(').nth(1))
+        .and_then(|x| x.split_whitespace().next())
+        .and_then(|x| x.parse::<u64>().ok())
+        .unwrap_or(0);
+    let secs = match (
+        start.and_then(|l| log_time(l)),
+        end.and_then(|l| log_time(l)),
+    ) {
+        (Some(a), Some(b)) if b >= a => b - a,
+        _ => 0.0,
+    };
+    let mut note = String::new();
+    if !done || secs == 0.0 {
+        note = format!(
+            "the idle resync was not seen to finish (log lines: {:?} / {:?})",
+            start, end
+        );
+    }
+    let r = IdleResync { bytes, secs, note };
+    println!(
+        "  resync with the guest idle: {:.1} MiB in {:.2} s = {:.1} MiB/s",
+        bytes as f64 / MIB as f64,
+        secs,
+        r.mibs()
+    );
+    r
+}
+
+/// Write (and read) bandwidth of one NBD leg with 1 MiB requests, through qsd's NBD client.
+fn leg_write_bandwidth(env: &Env, opts: &Opts, leg: &Nbdkit) -> Vec<(String, f64)> {
+    let mut t = Target::qsd(
+        env,
+        "qsd nbd on leg 1",
+        &[format!(
+            "driver=nbd,node-name=disk,server.type=unix,server.path={}",
+            leg.socket.display()
+        )],
+    );
+    let mut c = Client::connect(&mut t);
+    let ws = c.capacity.min(opts.size) / SLOT as u64 * SLOT as u64;
+    let warm = Duration::from_secs_f64(opts.warmup);
+    let dur = Duration::from_secs_f64(opts.seconds);
+    let mut out = Vec::new();
+    for (write, qd) in [(true, 1), (true, 4), (false, 1), (false, 4)] {
+        let w = Workload {
+            qd,
+            write,
+            bs: SLOT,
+        };
+        let t0 = Instant::now();
+        let trace = drive(&mut c, w, ws, 17, t0, |e| e < warm + dur);
+        let st = window(&trace, warm, warm + dur, w.bs);
+        let name = format!(
+            "leg 1 alone (qsd nbd), 1 MiB random {}s, QD{qd}",
+            if write { "write" } else { "read" }
+        );
+        println!("  {name}: {:.1} MiB/s", st.mibs);
+        out.push((name, st.mibs));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn first_line_of(path: &str, key: &str) -> String {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+/// CPU time of the whole machine and of this process with its reaped children, to tell how
+/// much other work ran beside the bench.
+struct CpuMark {
+    at: Instant,
+    /// Busy CPU seconds of the machine since boot.
+    busy: f64,
+    /// CPU seconds of this process and of the children it has waited for.
+    own: f64,
+}
+
+impl CpuMark {
+    fn now() -> CpuMark {
+        // SAFETY: sysconf has no memory effects.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let busy = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let l = s.lines().next()?.to_string();
+                let v: Vec<f64> = l
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                // user nice system idle iowait irq softirq steal
+                (v.len() >= 8).then(|| (v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / hz)
+            })
+            .unwrap_or(0.0);
+        let mut own = 0.0;
+        for who in [libc::RUSAGE_SELF, libc::RUSAGE_CHILDREN] {
+            let mut ru = MaybeUninit::<libc::rusage>::zeroed();
+            // SAFETY: getrusage fills the rusage it is given, which lives on this stack frame.
+            if unsafe { libc::getrusage(who, ru.as_mut_ptr()) } == 0 {
+                // SAFETY: getrusage succeeded, so it initialised the struct (and it was zeroed).
+                let ru = unsafe { ru.assume_init() };
+                let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+                own += tv(ru.ru_utime) + tv(ru.ru_stime);
+            }
+        }
+        CpuMark {
+            at: Instant::now(),
+            busy,
+            own,
+        }
+    }
+
+    /// Other processes' CPU use between `self` and `later`.
+    fn foreign(&self, later: &CpuMark) -> String {
+        let secs = (later.at - self.at).as_secs_f64().max(1e-3);
+        let other = ((later.busy - self.busy) - (later.own - self.own)).max(0.0);
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        format!(
+            "{:.2} CPU on average over {:.0} s ({:.0}% of the {cpus} CPUs)",
+            other / secs,
+            secs,
+            100.0 * other / secs / cpus as f64
+        )
+    }
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn main() {
+    let opts = parse_args();
+    let qsd = tool_version("qemu-storage-daemon", "qemu-system-common");
+    let nbdkit = tool_version("nbdkit", "nbdkit");
+    let help = Command::new("qemu-storage-daemon")
+        .arg("--help")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    if !help.contains("vhost-user-blk") {
+        fail("this qemu-storage-daemon has no vhost-user-blk export");
+    }
+    let env = Env::new(opts.keep);
+    let exe = std::env::current_exe().unwrap_or_default();
+    if !exe.to_string_lossy().contains("/release/") {
+        eprintln!("bench: warning: not a release build; the figures mean little (use --release)");
+    }
+    let date = Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let load_start = loadavg();
+    let cmdline: Vec<String> = std::env::args().skip(1).collect();
+    println!(
+        "vhost-mirror {} vs {qsd}; nbdkit {nbdkit}\nscratch {}; load average {load_start}",
+        env.bin.display(),
+        env.dir.display()
+    );
+
+    let mut body = String::new();
+    let has = |s: &str| opts.sections.iter().any(|x| x == s);
+    let need_images = ["file", "nbd", "memory", "resync"].iter().any(|s| has(s));
+    let imgs = [env.path("leg0.img"), env.path("leg1.img")];
+    if need_images {
+        let t = Instant::now();
+        for p in &imgs {
+            image(p, opts.size + META_ROOM);
+        }
+        println!(
+            "wrote two {} MiB leg images in {:.1} s",
+            (opts.size + META_ROOM) / MIB,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    type SectionFn = fn(&Env, &Opts, &[PathBuf; 2]) -> String;
+    let sections: [(&str, SectionFn); 7] = [
+        ("null", |e, o, _| null_section(e, o)),
+        ("file", file_section),
+        ("file-shm", file_shm_section),
+        ("nbd", nbd_section),
+        ("nbd-mem", nbd_mem_section),
+        ("memory", memory_section),
+        ("resync", resync_section),
+    ];
+    for (name, f) in sections {
+        if !has(name) {
+            continue;
+        }
+        let (load, m0) = (loadavg(), CpuMark::now());
+        let text = f(&env, &opts, &imgs);
+        let m1 = CpuMark::now();
+        // After the heading: how busy the rest of the machine was meanwhile.
+        let note = format!(
+            "_Machine during this section: load average {load} at its start; processes other \
+             than the bench and its children used {}._\n\n",
+            m0.foreign(&m1)
+        );
+        println!("  ({})", note.trim().trim_matches('_'));
+        match text.split_once("\n\n") {
+            Some((head, rest)) => {
+                let _ = write!(body, "{head}\n\n{note}{rest}");
+            }
+            None => body.push_str(&text),
+        }
+    }
+    let load_end = loadavg();
+
+    let machine = format!(
+        "- date: {date}\n\
+         - CPUs (nproc): {}; CPU: {}\n\
+         - memory: {}\n\
+         - kernel: {}\n\
+         - qemu-storage-daemon: {qsd}\n\
+         - nbdkit: {nbdkit}\n\
+         - client: libblkio (blkio crate 0.5, virtio-blk-vhost-user), one queue, one thread\n\
+         - load average (1/5/15 min) at start: {load_start}; at end: {load_end}\n\
+         - command: `cargo run --release --example bench -- {}`\n\
+         - per run: {:.1} s warm-up (not counted), {:.1} s measured; working set {} MiB\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        first_line_of("/proc/cpuinfo", "model name"),
+        first_line_of("/proc/meminfo", "MemTotal"),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim(),
+        cmdline.join(" "),
+        opts.warmup,
+        opts.seconds,
+        opts.size / MIB
+    );
+    let report = format!("## Machine\n\n{machine}\n## Results\n\n{body}");
+    println!("\n\n{report}");
+    if let Some(out) = &opts.out {
+        std::fs::write(out, format!("# vhost-mirror benchmark run\n\n{report}"))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+        println!("written to {}", out.display());
+    }
+}
