@@ -32,8 +32,12 @@
 //! ## Giving up on a connection
 //!
 //! When the leg dies (an abort from the layer above, say because the server stopped answering)
-//! only our sending half is shut down. The server sees end-of-file, finishes what it already
-//! received, replies and closes; the reader fails every outstanding request at once and then
+//! only our sending half is shut down, and only on a request boundary: a command the sender was
+//! in the middle of is completed first, its payload's rest as zeros from our own memory (the
+//! caller's buffers are released at once; the zeros cannot matter, since the layer above treats
+//! the whole write as failed on this leg, and the mirror resyncs such a chunk before trusting the
+//! leg again). The server sees end-of-file, finishes what it already received, replies and
+//! closes; the reader fails every outstanding request at once and then
 //! reads and discards those late replies until the server closes ("lingering"). Cutting both
 //! halves instead would have two bad effects: a server that was only paused (SIGSTOP, a long
 //! stall) gets EPIPE on its replies when it resumes, which crashes some servers (nbdkit 1.32
@@ -149,6 +153,8 @@ struct Shared {
     fd: OwnedFd,
     /// An eventfd that wakes the reader out of `poll` when the leg dies or is dropped.
     wake: OwnedFd,
+    /// The same for the sender.
+    wake_send: OwnedFd,
     sink: Arc<dyn CompletionSink>,
     /// Requests for the sender. Only sent to while `state` is locked (see the module docs).
     tx: Sender<Msg>,
@@ -282,21 +288,15 @@ impl NbdLeg {
         sink: Arc<dyn CompletionSink>,
     ) -> Result<NbdLeg, OpenError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor that
-        // nothing else owns.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if wake < 0 {
-            return Err(OpenError::Io {
-                uri,
-                source: io::Error::last_os_error(),
-            });
-        }
-        // SAFETY: `wake` was just created and is owned by nobody else.
-        let wake = unsafe { OwnedFd::from_raw_fd(wake) };
+        let (wake, wake_send) = match (eventfd(), eventfd()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(source), _) | (_, Err(source)) => return Err(OpenError::Io { uri, source }),
+        };
         let shared = Arc::new(Shared {
             uri: uri.clone(),
             fd,
             wake,
+            wake_send,
             sink,
             tx,
             alive: AtomicBool::new(true),
@@ -593,7 +593,10 @@ impl Drop for NbdLeg {
         // cannot join itself, and that one exits on its own once it returns to its loop.
         let me = thread::current().id();
         if let Some(handle) = self.sender.take() {
-            if handle.thread().id() != me {
+            // It may still be completing a command cut short, against a paused server; it then
+            // ends on its own (DROP_LINGER at the latest).
+            sh.wait_sender_exit(DISC_TIMEOUT);
+            if handle.thread().id() != me && sh.lock().sender_exited {
                 let _ = handle.join();
             }
         }
@@ -649,12 +652,11 @@ impl Shared {
         };
         st.dead = Some(err.clone());
         self.alive.store(false, Ordering::Release);
-        // Only our sending half: the server sees end-of-file and winds the connection down
-        // itself (see "Giving up on a connection" above). This also wakes the sender from
-        // poll/sendmsg; the reader is woken through the eventfd.
-        // SAFETY: shutdown on a descriptor we own (it lives as long as `self`) has no memory
-        // effects; its failure (e.g. ENOTCONN after the peer left) needs no handling.
-        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
+        // Only our sending half, and only on a request boundary: the sender does it when it
+        // leaves (see "Giving up on a connection" above), or we do if it already left.
+        if st.sender_exited {
+            self.shut_write();
+        }
         self.kick();
         // The sender may be idle in the channel; this gets it out. If it already left, fine.
         let _ = self.tx.send(Msg::Stop);
@@ -662,12 +664,21 @@ impl Shared {
         err
     }
 
-    /// Wakes the reader if it waits in `poll`.
+    /// Wakes the reader and the sender if they wait in `poll`.
     fn kick(&self) {
         let one = 1u64.to_ne_bytes();
-        // SAFETY: writes 8 bytes from a live local array to our own eventfd. A full counter
-        // (EAGAIN) means a wake-up is pending anyway.
-        unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        for fd in [&self.wake, &self.wake_send] {
+            // SAFETY: writes 8 bytes from a live local array to our own eventfd. A full counter
+            // (EAGAIN) means a wake-up is pending anyway.
+            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        }
+    }
+
+    /// Our end-of-file to the server.
+    fn shut_write(&self) {
+        // SAFETY: shutdown on a descriptor we own (it lives as long as `self`) has no memory
+        // effects; its failure (e.g. ENOTCONN after the peer left) needs no handling.
+        unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_WR) };
     }
 
     /// Waits until the socket is readable or the eventfd fires, at most `timeout` (forever with
@@ -697,9 +708,7 @@ impl Shared {
             };
         }
         if pfd[1].revents != 0 {
-            let mut b = [0u8; 8];
-            // SAFETY: reads at most 8 bytes into a live local array from our own eventfd.
-            unsafe { libc::read(self.wake.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+            clear_eventfd(&self.wake);
         }
         Ok(())
     }
@@ -891,6 +900,8 @@ impl Drop for SenderExit<'_> {
         }
         st.sending = false;
         st.sender_exited = true;
+        // Every command left whole (or the connection is broken): the server may see the end.
+        self.0.shut_write();
         self.0.cv.notify_all();
     }
 }
@@ -939,9 +950,22 @@ fn sender_main(shared: Arc<Shared>, rx: Receiver<Msg>) {
             iov.clear();
             shared.end_send();
             batch.clear();
-            if let Err(e) = res {
-                shared.die(LegError::Lost(describe_send_error(&e)));
-                return;
+            match res {
+                Ok(()) => {}
+                Err(SendStop::Failed(e)) => {
+                    shared.die(LegError::Lost(describe_send_error(&e)));
+                    return;
+                }
+                Err(SendStop::Dead(Some(partial))) => {
+                    if let Err(why) = finish_partial(&shared, fd, partial) {
+                        log::warn!(
+                            "NBD leg {}: could not complete the request cut short by the abort ({why}); the server sees a truncated request",
+                            shared.uri
+                        );
+                    }
+                    return;
+                }
+                Err(SendStop::Dead(None)) => return,
             }
         }
         if stop {
@@ -958,7 +982,7 @@ fn send_batch(
     batch: &[Msg],
     iov: &mut Vec<libc::iovec>,
     ends: &mut Vec<(u64, usize)>,
-) -> io::Result<()> {
+) -> Result<(), SendStop> {
     iov.clear();
     ends.clear();
     let mut total = 0usize;
@@ -985,9 +1009,26 @@ fn send_batch(
     let mut start = 0usize;
     let mut sent = 0usize;
     let mut next = 0usize;
+    // The command under way when the leg died, if part of it is on the wire already.
+    let partial = |sent: usize, next: usize| -> Option<Partial> {
+        let begin = if next == 0 { 0 } else { ends[next - 1].1 };
+        let end = ends.get(next)?.1;
+        if sent <= begin {
+            return None;
+        }
+        let header = batch.iter().find_map(|m| match m {
+            Msg::Req { handle, header, .. } if *handle == ends[next].0 => Some(*header),
+            _ => None,
+        })?;
+        Some(Partial {
+            header,
+            done: sent - begin,
+            len: end - begin,
+        })
+    };
     while start < iov.len() {
         if !shared.alive.load(Ordering::Acquire) {
-            return Err(io::Error::new(io::ErrorKind::BrokenPipe, "leg shut down"));
+            return Err(SendStop::Dead(partial(sent, next)));
         }
         let cnt = (iov.len() - start).min(IOV_MAX);
         // SAFETY: all-zero is a valid msghdr (null name and control, no flags).
@@ -1005,10 +1046,15 @@ fn send_batch(
             match e.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {
-                    wait_writable(shared, fd)?;
+                    if let Err(e) = wait_writable(shared, fd) {
+                        if !shared.alive.load(Ordering::Acquire) {
+                            return Err(SendStop::Dead(partial(sent, next)));
+                        }
+                        return Err(SendStop::Failed(e));
+                    }
                     continue;
                 }
-                _ => return Err(e),
+                _ => return Err(SendStop::Failed(e)),
             }
         }
         let n = n as usize;
@@ -1030,13 +1076,20 @@ fn wait_writable(shared: &Shared, fd: RawFd) -> io::Result<()> {
         if !shared.alive.load(Ordering::Acquire) {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "leg shut down"));
         }
-        let mut pfd = libc::pollfd {
-            fd,
-            events: libc::POLLOUT,
-            revents: 0,
-        };
-        // SAFETY: `pfd` is one valid pollfd for the duration of the call.
-        let r = unsafe { libc::poll(&mut pfd, 1, SEND_POLL_MS) };
+        let mut pfd = [
+            libc::pollfd {
+                fd,
+                events: libc::POLLOUT,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: shared.wake_send.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
+        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, SEND_POLL_MS) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::Interrupted {
@@ -1044,11 +1097,112 @@ fn wait_writable(shared: &Shared, fd: RawFd) -> io::Result<()> {
             }
             return Err(e);
         }
-        // Writable, hung up or failed: the next sendmsg tells which.
+        if pfd[1].revents != 0 {
+            clear_eventfd(&shared.wake_send);
+        }
+        // Writable, hung up or failed (or woken): the next sendmsg tells which.
         if r > 0 {
             return Ok(());
         }
     }
+}
+
+/// Why the sender stopped in the middle of a batch.
+enum SendStop {
+    /// The socket failed: the connection is broken.
+    Failed(io::Error),
+    /// The leg died; the command that was partly on the wire, if any.
+    Dead(Option<Partial>),
+}
+
+/// A command cut short by the leg's death.
+struct Partial {
+    header: [u8; proto::REQUEST_LEN],
+    /// Bytes of it (header and payload) already sent.
+    done: usize,
+    len: usize,
+}
+
+/// Sends the rest of a command cut short by the leg's death: the rest of its header, then
+/// zeros for the rest of its payload, so the server sees whole requests and then end-of-file
+/// instead of a torn one. Gives up (Err) when the socket fails or the drop's linger runs out.
+fn finish_partial(shared: &Shared, fd: RawFd, p: Partial) -> Result<(), String> {
+    let zeros = [0u8; 64 << 10];
+    let mut done = p.done;
+    while done < p.len {
+        let chunk: &[u8] = if done < proto::REQUEST_LEN {
+            &p.header[done..]
+        } else {
+            &zeros[..(p.len - done).min(zeros.len())]
+        };
+        // SAFETY: `chunk` is a live buffer of `chunk.len()` bytes, ours alone.
+        let n = unsafe {
+            libc::send(
+                fd,
+                chunk.as_ptr().cast(),
+                chunk.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            done += n as usize;
+            continue;
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::Interrupted => {}
+            io::ErrorKind::WouldBlock => {
+                let timeout = match shared.lock().linger_until {
+                    None => -1,
+                    Some(t) => {
+                        let left = t.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Err("the leg was closed and the server did not read".into());
+                        }
+                        left.as_millis().min(i32::MAX as u128) as libc::c_int
+                    }
+                };
+                let mut pfd = [
+                    libc::pollfd {
+                        fd,
+                        events: libc::POLLOUT,
+                        revents: 0,
+                    },
+                    libc::pollfd {
+                        fd: shared.wake_send.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    },
+                ];
+                // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
+                let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout) };
+                if r > 0 && pfd[1].revents != 0 {
+                    clear_eventfd(&shared.wake_send);
+                }
+            }
+            _ => return Err(e.to_string()),
+        }
+    }
+    Ok(())
+}
+
+/// A non-blocking eventfd.
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor that
+    // nothing else owns.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Resets an eventfd's counter.
+fn clear_eventfd(fd: &OwnedFd) {
+    let mut b = [0u8; 8];
+    // SAFETY: reads at most 8 bytes into a live local array from our own eventfd.
+    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
 }
 
 /// Drops `n` written or read bytes from the front of `iov[*start..]`.
@@ -1829,7 +1983,7 @@ mod tests {
                 .arg(&pidfile)
                 .args(args)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("nbdkit.log")).unwrap())
                 .spawn()
                 .expect("nbdkit must be installed");
             let mut k = Nbdkit {
@@ -2283,10 +2437,13 @@ mod tests {
         assert!(leg.wait_quiet(Duration::from_secs(5)));
         drop(leg);
         thread::sleep(Duration::from_millis(200));
+        let log = std::fs::read_to_string(k.dir.join("nbdkit.log")).unwrap_or_default();
         assert!(
             k.child.try_wait().unwrap().is_none(),
-            "nbdkit died after the aborted connection"
+            "nbdkit died after the aborted connection: {log}"
         );
+        // Cut on a request boundary: the server never saw a torn request.
+        assert!(!log.contains("Bad message"), "{log}");
         let (leg2, rx2) = open(&k.address);
         let mut rb = vec![0u8; 65536];
         submit(&leg2, 1, read(0, bufs(&mut rb, &[])));
