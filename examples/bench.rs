@@ -17,8 +17,7 @@
 //!
 //! ```sh
 //! cargo build --release && cargo run --release --example bench -- [--seconds N] [--quick] \
-//!     [--out BENCHMARKS-run.md] [--only null,file,file-shm,nbd,nbd-mem,memory,resync] \
-//!     [--no-extra] [--keep]
+//!     [--out FILE] [--only SECTIONS] [--no-extra] [--keep] [--workloads LIST]
 //! ```
 
 use std::fmt::Write as _;
@@ -46,8 +45,15 @@ const MAX_QD: usize = 32;
 const META_ROOM: u64 = 8 * MIB;
 
 /// Section names, in the order they run.
-const SECTIONS: [&str; 7] = [
-    "null", "file", "file-shm", "nbd", "nbd-mem", "memory", "resync",
+const SECTIONS: [&str; 8] = [
+    "null",
+    "file",
+    "file-shm",
+    "nbd",
+    "nbd-mem",
+    "memory",
+    "resync",
+    "resync-capped",
 ];
 
 const USAGE: &str = "\
@@ -57,12 +63,13 @@ usage: cargo run --release --example bench -- [options]
   --quick           only QD32 randwrite 4K and QD1 randwrite 4K; no memory/resync runs
   --size MIB        working set and leg size in MiB (default 1024)
   --out FILE        also write the report (with the machine's description) to FILE
-  --only LIST       sections to run, from null,file,file-shm,nbd,nbd-mem,memory,resync
-                    (default: all)
+  --only LIST       sections to run, from null,file,file-shm,nbd,nbd-mem,memory,resync,
+                    resync-capped (default: all)
   --extra           with --quick: run the memory and resync sections too
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
   --keep            keep the scratch directory (images, daemon logs) at the end
+  --workloads LIST  only these workloads, QD:w|r:BYTES each (e.g. 1:w:65536,32:r:4096)
 Build the daemon first: cargo build --release";
 
 struct Opts {
@@ -74,6 +81,8 @@ struct Opts {
     sections: Vec<String>,
     rss_seconds: f64,
     keep: bool,
+    /// `--workloads`: replaces the standard list (development).
+    workloads: Option<Vec<Workload>>,
 }
 
 fn parse_args() -> Opts {
@@ -86,6 +95,7 @@ fn parse_args() -> Opts {
         sections: Vec::new(),
         rss_seconds: 20.0,
         keep: false,
+        workloads: None,
     };
     let mut only: Option<Vec<String>> = None;
     let mut extra: Option<bool> = None;
@@ -107,6 +117,30 @@ fn parse_args() -> Opts {
             "--size" => o.size = num(args.next(), "--size") as u64 * MIB,
             "--quick" => o.quick = true,
             "--keep" => o.keep = true,
+            "--workloads" => {
+                let list = args
+                    .next()
+                    .unwrap_or_else(|| usage("--workloads takes a list"));
+                let parse = |w: &str| -> Option<Workload> {
+                    let mut p = w.split(':');
+                    let qd: usize = p.next()?.parse().ok()?;
+                    let write = match p.next()? {
+                        "w" => true,
+                        "r" => false,
+                        _ => return None,
+                    };
+                    let bs: usize = p.next()?.parse().ok()?;
+                    ((1..=MAX_QD).contains(&qd)
+                        && (512..=SLOT).contains(&bs)
+                        && bs.is_multiple_of(512))
+                    .then_some(Workload { qd, write, bs })
+                };
+                o.workloads = Some(
+                    list.split(',')
+                        .map(|w| parse(w).unwrap_or_else(|| usage(&format!("bad workload '{w}'"))))
+                        .collect(),
+                );
+            }
             "--extra" => extra = Some(true),
             "--no-extra" => extra = Some(false),
             "--out" => {
@@ -142,7 +176,7 @@ fn parse_args() -> Opts {
             .map(String::from)
             .to_vec();
         if extra {
-            v.extend(["memory", "resync"].map(String::from));
+            v.extend(["memory", "resync", "resync-capped"].map(String::from));
         }
         v
     });
@@ -694,6 +728,28 @@ fn drive(
     trace
 }
 
+/// Writes one 4 KiB block in every MiB of the working set (vhost-mirror's default chunk), 32
+/// at a time.
+fn touch_chunks(c: &mut Client, ws: u64) {
+    let n = ws / MIB;
+    let mut comps: Vec<MaybeUninit<blkio::Completion>> =
+        (0..MAX_QD).map(|_| MaybeUninit::uninit()).collect();
+    let (mut next, mut inflight) = (0u64, 0usize);
+    while next < n || inflight > 0 {
+        while next < n && inflight < MAX_QD {
+            let buf = (c.region.addr + inflight * SLOT) as *mut u8;
+            c.q.write(next * MIB, buf, 4096, 0, ReqFlags::empty());
+            next += 1;
+            inflight += 1;
+        }
+        let mut timeout = Duration::from_secs(60);
+        match c.q.do_io(&mut comps, 1, Some(&mut timeout), None) {
+            Ok(k) => inflight -= k,
+            Err(e) => panic!("do_io failed while touching the chunks: {e:?}"),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Default)]
 struct Stats {
     iops: f64,
@@ -781,8 +837,19 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
     let warm = Duration::from_secs_f64(opts.warmup);
     let dur = Duration::from_secs_f64(opts.seconds);
     let mut rows = Vec::new();
-    for (wi, w) in workloads(opts.quick).into_iter().enumerate() {
+    let list = opts
+        .workloads
+        .clone()
+        .unwrap_or_else(|| workloads(opts.quick));
+    for (wi, w) in list.into_iter().enumerate() {
         for (t, c) in targets.iter_mut().zip(clients.iter_mut()) {
+            if w.write {
+                // Steady state for vhost-mirror's write-intent bitmap: every chunk of the
+                // working set written recently, as a guest's hot data is (the bits are cleared
+                // a few seconds after the last write, e.g. during the read workloads). Done for
+                // every target alike.
+                touch_chunks(c, ws);
+            }
             let t0 = Instant::now();
             let trace = drive(c, w, ws, 0x9e37_79b9 + wi as u64, t0, |e| e < warm + dur);
             let stats = window(&trace, warm, warm + dur, w.bs);
@@ -1027,9 +1094,14 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &s
 }
 
 fn nbd_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+    // The single-leg peer writes a third image of its own, so the two mirrored images stay
+    // identical and quorum's comparing reads find no mismatch.
+    let third = env.path("leg2.img");
+    image(&third, opts.size + META_ROOM);
     let nbd = [
         Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
         Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
+        Nbdkit::start(env, &env.path("nbd2.sock"), &third),
     ];
     nbd_legs(
         env,
@@ -1048,6 +1120,7 @@ fn nbd_mem_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
     let nbd = [
         Nbdkit::memory(env, &env.path("nbdm0.sock"), size),
         Nbdkit::memory(env, &env.path("nbdm1.sock"), size),
+        Nbdkit::memory(env, &env.path("nbdm2.sock"), size),
     ];
     nbd_legs(
         env,
@@ -1066,13 +1139,13 @@ fn nbd_mem_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
 fn nbd_legs(
     env: &Env,
     opts: &Opts,
-    nbd: [Nbdkit; 2],
+    nbd: [Nbdkit; 3],
     all_quorum: bool,
     title: &str,
     servers: &str,
 ) -> String {
     println!("\n== {title} ==");
-    let uris: Vec<String> = nbd.iter().map(Nbdkit::uri).collect();
+    let uris: Vec<String> = nbd[..2].iter().map(Nbdkit::uri).collect();
     let node = |name: &str, n: &Nbdkit| {
         format!(
             "driver=nbd,node-name={name},server.type=unix,server.path={}",
@@ -1091,7 +1164,7 @@ fn nbd_legs(
     };
     let mut targets = vec![
         Target::mirror(env, "vhost-mirror (2 NBD legs)", &uris, true),
-        Target::qsd(env, "qsd nbd (1 leg, no mirror)", &[node("disk", &nbd[0])]),
+        Target::qsd(env, "qsd nbd (1 leg, no mirror)", &[node("disk", &nbd[2])]),
         Target::qsd(env, "qsd quorum vt=2 read-pattern=fifo", &quorum("fifo")),
     ];
     if all_quorum {
@@ -1110,7 +1183,8 @@ fn nbd_legs(
         &format!(
             "{servers} vhost-mirror `blk --leg nbd+unix:///?socket=nbd0.sock --leg \
              nbd+unix:///?socket=nbd1.sock` after `create --assume-clean`; qsd \
-             `driver=nbd,server.type=unix` on leg 0 alone (no redundancy: the floor); qsd \
+             `driver=nbd,server.type=unix` on one leg alone (a third server of the same kind, \
+             so the mirrored pair stays identical; no redundancy: the floor); qsd \
              `driver=quorum,vote-threshold=2,children.0=q0,children.1=q1` over both legs with \
              `read-pattern=fifo` (reads from child 0){}.",
             if all_quorum {
@@ -1277,7 +1351,22 @@ struct ResyncLog {
 }
 
 fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
-    println!("\n== resync under load ==");
+    resync_run(env, opts, imgs, 0)
+}
+
+/// Resync rate of the capped run, bytes/s.
+const RESYNC_CAP: u64 = 100 * MIB;
+
+/// The same under load with `--resync-rate` capped: what the guest keeps when the resync
+/// is told to leave room.
+fn resync_capped_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+    resync_run(env, opts, imgs, RESYNC_CAP)
+}
+
+/// Resync under load at `rate` bytes/s (0: unlimited); when unlimited, also the resync with
+/// the client idle and a leg's own bandwidth.
+fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], rate: u64) -> String {
+    println!("\n== resync under load (rate {}) ==", rate_name(rate));
     let mut nbd = [
         Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
         Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
@@ -1287,6 +1376,13 @@ fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
     let mut c = Client::connect(&mut t);
     let ws = c.capacity.min(opts.size) / SLOT as u64 * SLOT as u64;
     let control = t.control.clone().unwrap();
+    if rate > 0 {
+        ctl(
+            &control,
+            &format!(r#"{{"cmd":"set-resync-rate","rate":{rate}}}"#),
+        )
+        .unwrap_or_else(|e| panic!("set-resync-rate: {e}"));
+    }
     let w = Workload {
         qd: 32,
         write: true,
@@ -1388,10 +1484,14 @@ fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
     });
     let daemon_log = t.proc.log_text();
     let note = t.health();
-    let idle = idle_resync(env, &mut t, &mut c, &mut nbd, ws);
+    let idle = (rate == 0).then(|| idle_resync(env, &mut t, &mut c, &mut nbd, ws));
     drop(c);
     drop(t);
-    let leg_bw = leg_write_bandwidth(env, opts, &nbd[1]);
+    let leg_bw = if rate == 0 {
+        leg_write_bandwidth(env, opts, &nbd[1])
+    } else {
+        Vec::new()
+    };
     let bs = w.bs;
     let ms = |d: Option<Duration>| d.unwrap_or_default();
     let st_steady = window(&trace, warm, warm + steady, bs);
@@ -1412,18 +1512,33 @@ fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
         at += Duration::from_millis(250);
     }
     let secs = (r1 - r0).as_secs_f64();
-    let mut s = String::from("### Client IOPS during a resync\n\n");
+    let mut s = format!(
+        "### Client IOPS during a resync ({})\n\n",
+        if rate == 0 {
+            "resync rate unlimited".to_string()
+        } else {
+            format!("`--resync-rate` {}", rate_name(rate))
+        }
+    );
     let _ = writeln!(
         s,
         "A fresh daemon on the two NBD legs (metadata, 1 MiB chunks), QD32 4K random writes \
          over {} MiB throughout. After {:.0} s of steady state leg 1's nbdkit gets SIGKILL; \
          {:.0} s later it is restarted and `{{\"cmd\":\"re-add\",\"leg\":1}}` is sent; the \
          client keeps writing while the dirty chunks are copied, and {:.0} s after. Resync rate \
-         unlimited (the default).\n",
+         {}.\n",
         ws / MIB,
         steady.as_secs_f64(),
         degraded.as_secs_f64(),
-        after.as_secs_f64()
+        after.as_secs_f64(),
+        if rate == 0 {
+            "unlimited (the default)".to_string()
+        } else {
+            format!(
+                "capped at {} (`set-resync-rate` on the control socket)",
+                rate_name(rate)
+            )
+        }
     );
     s.push_str("| phase | seconds | IOPS | vs steady | p50 µs | p99 µs |\n");
     s.push_str("| --- | ---: | ---: | ---: | ---: | ---: |\n");
@@ -1499,6 +1614,12 @@ fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
     for (at, e) in &log.events {
         let _ = writeln!(s, "- at {:.2} s: {e}", at.as_secs_f64());
     }
+    let Some(idle) = idle else {
+        print!("{s}");
+        drop(nbd);
+        s.push('\n');
+        return s;
+    };
     let _ = writeln!(
         s,
         "\n#### Resync bandwidth with the guest idle, against a leg's write bandwidth\n\n\
@@ -1538,6 +1659,14 @@ fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
     drop(nbd);
     s.push('\n');
     s
+}
+
+fn rate_name(rate: u64) -> String {
+    if rate == 0 {
+        "unlimited".into()
+    } else {
+        format!("{} MiB/s", rate / MIB)
+    }
 }
 
 /// Seconds of client writes with leg 1 down before the idle resync.
@@ -1799,7 +1928,9 @@ fn main() {
 
     let mut body = String::new();
     let has = |s: &str| opts.sections.iter().any(|x| x == s);
-    let need_images = ["file", "nbd", "memory", "resync"].iter().any(|s| has(s));
+    let need_images = ["file", "nbd", "memory", "resync", "resync-capped"]
+        .iter()
+        .any(|s| has(s));
     let imgs = [env.path("leg0.img"), env.path("leg1.img")];
     if need_images {
         let t = Instant::now();
@@ -1813,7 +1944,7 @@ fn main() {
         );
     }
     type SectionFn = fn(&Env, &Opts, &[PathBuf; 2]) -> String;
-    let sections: [(&str, SectionFn); 7] = [
+    let sections: [(&str, SectionFn); 8] = [
         ("null", |e, o, _| null_section(e, o)),
         ("file", file_section),
         ("file-shm", file_shm_section),
@@ -1821,6 +1952,7 @@ fn main() {
         ("nbd-mem", nbd_mem_section),
         ("memory", memory_section),
         ("resync", resync_section),
+        ("resync-capped", resync_capped_section),
     ];
     for (name, f) in sections {
         if !has(name) {
