@@ -341,6 +341,8 @@ pub(crate) struct Inner<C> {
     pub(crate) copying: AtomicU64,
     pub(crate) worker: Sender<Cmd>,
     pub(crate) stopping: AtomicBool,
+    /// Legs kept past the I/O timeout because they were the last up-to-date leg (warned once).
+    late_kept: AtomicU8,
     self_ref: Weak<Inner<C>>,
 }
 
@@ -491,6 +493,7 @@ impl<C: Send + 'static> BlockMirror<C> {
             copying: AtomicU64::new(u64::MAX),
             worker: worker_tx,
             stopping: AtomicBool::new(false),
+            late_kept: AtomicU8::new(0),
             self_ref: me.clone(),
         });
         for sink in &sinks {
@@ -1239,7 +1242,22 @@ impl<C: Send + 'static> Inner<C> {
             }
             if !l.handle().is_alive() {
                 self.eject(i, "connection lost");
-            } else if late & bit(i) != 0 {
+            } else if late & bit(i) == 0 {
+                self.late_kept.fetch_and(!bit(i), Ordering::Relaxed);
+            } else if l.state() == LegState::UpToDate && self.up_to_date() & !bit(i) == 0 {
+                // The last up-to-date leg: ejecting a slow leg that nothing can replace turns a
+                // stall into I/O errors for the guest and a mirror with no current leg. It stays
+                // and its requests wait, as they would on a plain disk; a leg that is gone (its
+                // connection lost) is still ejected above.
+                if self.late_kept.fetch_or(bit(i), Ordering::Relaxed) & bit(i) == 0 {
+                    warn!(
+                        "leg {i} {} holds requests past the I/O timeout of {} ms, but it is the \
+                         last up-to-date leg: kept, its requests wait",
+                        l.uri,
+                        timeout.as_millis()
+                    );
+                }
+            } else {
                 self.eject(
                     i,
                     &format!(

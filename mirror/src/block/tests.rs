@@ -207,6 +207,36 @@ fn hung_leg_is_ejected_after_the_timeout() {
 }
 
 #[test]
+fn the_last_up_to_date_leg_is_not_ejected_for_a_timeout() {
+    let r = rig(100);
+    let mut buf = vec![1u8; 512];
+    r.legs[0].set(Mode::Hold);
+    r.legs[1].set(Mode::Hold);
+    r.mirror.submit(write_op(&mut buf), None, 4);
+    // Both legs sit on the write: one is ejected, the other is all that is left and stays.
+    std::thread::sleep(Duration::from_millis(600));
+    let st = r.mirror.status();
+    let states = [st.legs[0].state, st.legs[1].state];
+    assert_eq!(
+        states.iter().filter(|s| **s == LegState::UpToDate).count(),
+        1,
+        "exactly one leg kept: {states:?}"
+    );
+    assert!(
+        r.done.try_recv().is_err(),
+        "the write waits for the kept leg"
+    );
+    let kept = states
+        .iter()
+        .position(|s| *s == LegState::UpToDate)
+        .unwrap();
+    let tag = r.legs[kept].held.lock().unwrap().pop().unwrap();
+    r.legs[kept].sink.complete(tag, Ok(()));
+    assert_eq!(wait(&r), (4, IoStatus::Ok));
+    assert_eq!(r.mirror.status().legs[kept].state, LegState::UpToDate);
+}
+
+#[test]
 fn read_error_moves_to_the_other_leg_and_keeps_the_leg() {
     let r = rig(10_000);
     let mut buf = vec![0u8; 512];
