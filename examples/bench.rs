@@ -69,6 +69,7 @@ usage: cargo run --release --example bench -- [options]
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
   --keep            keep the scratch directory (images, daemon logs) at the end
+  --io-timeout MS   pass --io-timeout MS to every vhost-mirror daemon (default: its own, 1000)
   --workloads LIST  only these workloads, QD:w|r:BYTES each (e.g. 1:w:65536,32:r:4096)
 Build the daemon first: cargo build --release";
 
@@ -81,6 +82,8 @@ struct Opts {
     sections: Vec<String>,
     rss_seconds: f64,
     keep: bool,
+    /// `--io-timeout` for every vhost-mirror daemon (default: the daemon's own).
+    io_timeout: Option<u64>,
     /// `--workloads`: replaces the standard list (development).
     workloads: Option<Vec<Workload>>,
 }
@@ -95,6 +98,7 @@ fn parse_args() -> Opts {
         sections: Vec::new(),
         rss_seconds: 20.0,
         keep: false,
+        io_timeout: None,
         workloads: None,
     };
     let mut only: Option<Vec<String>> = None;
@@ -117,6 +121,7 @@ fn parse_args() -> Opts {
             "--size" => o.size = num(args.next(), "--size") as u64 * MIB,
             "--quick" => o.quick = true,
             "--keep" => o.keep = true,
+            "--io-timeout" => o.io_timeout = Some(num(args.next(), "--io-timeout") as u64),
             "--workloads" => {
                 let list = args
                     .next()
@@ -276,10 +281,11 @@ struct Env {
     bin: PathBuf,
     n: std::sync::atomic::AtomicU32,
     keep: bool,
+    io_timeout: Option<u64>,
 }
 
 impl Env {
-    fn new(keep: bool) -> Env {
+    fn new(keep: bool, io_timeout: Option<u64>) -> Env {
         let bin = mirror_binary();
         let dir = PathBuf::from(format!("/var/tmp/vhm-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -290,6 +296,7 @@ impl Env {
             bin,
             n: std::sync::atomic::AtomicU32::new(0),
             keep,
+            io_timeout,
         }
     }
 
@@ -450,6 +457,9 @@ impl Target {
         }
         if !metadata {
             cmd.arg("--no-metadata");
+        }
+        if let Some(ms) = env.io_timeout {
+            cmd.arg("--io-timeout").arg(ms.to_string());
         }
         cmd.env("RUST_LOG", "info");
         let mut proc = Proc::spawn(label, cmd, env.path(&format!("{name}.log")));
@@ -1908,7 +1918,7 @@ fn main() {
     if !help.contains("vhost-user-blk") {
         fail("this qemu-storage-daemon has no vhost-user-blk export");
     }
-    let env = Env::new(opts.keep);
+    let env = Env::new(opts.keep, opts.io_timeout);
     let exe = std::env::current_exe().unwrap_or_default();
     if !exe.to_string_lossy().contains("/release/") {
         eprintln!("bench: warning: not a release build; the figures mean little (use --release)");
@@ -1987,7 +1997,8 @@ fn main() {
          - client: libblkio (blkio crate 0.5, virtio-blk-vhost-user), one queue, one thread\n\
          - load average (1/5/15 min) at start: {load_start}; at end: {load_end}\n\
          - command: `cargo run --release --example bench -- {}`\n\
-         - per run: {:.1} s warm-up (not counted), {:.1} s measured; working set {} MiB\n",
+         - per run: {:.1} s warm-up (not counted), {:.1} s measured; working set {} MiB\n\
+         - vhost-mirror `--io-timeout`: {}\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         first_line_of("/proc/cpuinfo", "model name"),
         first_line_of("/proc/meminfo", "MemTotal"),
@@ -1997,7 +2008,9 @@ fn main() {
         cmdline.join(" "),
         opts.warmup,
         opts.seconds,
-        opts.size / MIB
+        opts.size / MIB,
+        opts.io_timeout
+            .map_or("the default (1000 ms)".to_string(), |ms| format!("{ms} ms"))
     );
     let report = format!("## Machine\n\n{machine}\n## Results\n\n{body}");
     println!("\n\n{report}");
