@@ -10,10 +10,13 @@
 //! by design, and the device never tries to change it.
 
 pub mod rx;
+mod shim;
 pub mod tx;
 
 use std::collections::VecDeque;
 use std::io;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,7 +28,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MRG_RXBUF;
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -44,10 +47,9 @@ const PENDING_MAX: usize = 256;
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error("cannot listen on {path}: {source}")]
-    Listen {
-        path: String,
-        source: vhost::vhost_user::Error,
-    },
+    Listen { path: String, source: io::Error },
+    #[error("vhost-user connection: {0}")]
+    Accept(io::Error),
     #[error("vhost-user daemon: {0}")]
     Daemon(String),
 }
@@ -286,11 +288,16 @@ impl VhostUserBackend for VhostUserNet {
         1024
     }
 
+    /// VHOST_USER_F_PROTOCOL_FEATURES is offered (QEMU's vhost-user-net needs it to start the
+    /// device); the [`shim`] relay deals with QEMU's early SET_VRING_ENABLE. VIRTIO_NET_F_MTU is
+    /// offered so that the VMM's `host_mtu` reaches the guest (QEMU masks the feature off unless
+    /// the backend has it): one remedy for the PRP trailer's 6 bytes.
     fn features(&self) -> u64 {
         1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_NET_F_MRG_RXBUF
+            | 1 << VIRTIO_NET_F_MTU
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -336,7 +343,10 @@ impl VhostUserBackend for VhostUserNet {
             return Ok(());
         };
         let mem = self.memory();
-        let rx_ready = rxq.get_ref().get_queue().ready();
+        let rx_ready = {
+            let q = rxq.get_ref();
+            q.get_queue().ready() && q.is_enabled()
+        };
         let (Some(mem), true) = (mem, rx_ready) else {
             // Path descriptors are level-triggered: frames nobody can take yet must still be
             // read, or the worker would spin on them.
@@ -390,12 +400,24 @@ pub fn serve(
     stats: Arc<NetStats>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), NetError> {
-    let mut listener = Listener::new(socket, true).map_err(|source| NetError::Listen {
+    let _ = std::fs::remove_file(socket);
+    let listener = UnixListener::bind(socket).map_err(|source| NetError::Listen {
         path: socket.display().to_string(),
         source,
     })?;
     info!("vhost-user-net listening on {}", socket.display());
+    let mut serial = 0u64;
     while !stop.load(Ordering::Acquire) {
+        let (vmm, _) = listener.accept().map_err(NetError::Accept)?;
+        // The vhost crate's handler gets its end through a private (abstract) socket; the
+        // relay in between holds back QEMU's early SET_VRING_ENABLE (see `shim`).
+        serial += 1;
+        let name = format!("vhost-mirror-net.{}.{serial}", std::process::id());
+        let inner = SocketAddr::from_abstract_name(name.as_bytes())
+            .and_then(|a| Ok((UnixListener::bind_addr(&a)?, a)))
+            .and_then(|(l, a)| Ok((l, UnixStream::connect_addr(&a)?)));
+        let (inner, handler_end) = inner.map_err(NetError::Accept)?;
+        let mut inner = Listener::from(inner);
         let backend = Arc::new(VhostUserNet::new(engine.clone(), stats.clone()));
         let mut daemon = VhostUserDaemon::new(
             "vhost-mirror-net".into(),
@@ -412,8 +434,10 @@ pub fn serve(
             }
         }
         daemon
-            .start(&mut listener)
+            .start(&mut inner)
             .map_err(|e| NetError::Daemon(e.to_string()))?;
+        drop(inner);
+        shim::relay(vmm, handler_end).map_err(NetError::Accept)?;
         stats.connected.store(true, Ordering::Relaxed);
         info!("frontend connected");
         match daemon.wait() {
