@@ -69,6 +69,17 @@ pub struct NetArgs {
           value_parser = clap::value_parser!(u32).range(68..=9000))]
     pub guest_mtu: u32,
 
+    /// An IPv4 address beyond both paths that answers ARP (a gateway, the server): each path
+    /// probes it (RFC 5227 ARP probes from a MAC of its own) and counts as down when it stops
+    /// answering, so a cut past the first switch moves traffic too (active-backup).
+    #[arg(long, value_name = "IPV4")]
+    pub probe: Option<std::net::Ipv4Addr>,
+
+    /// Milliseconds between probes; a path is down after 3 unanswered ones.
+    #[arg(long, value_name = "MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(10..=10_000))]
+    pub probe_interval: u64,
+
     /// JSON control socket (status, fail-path, restore-path).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,

@@ -4,6 +4,7 @@
 use std::os::fd::RawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use backends::net::{self as netdev, NetStats};
 use log::{info, warn};
@@ -41,27 +42,28 @@ impl Controlled for NetControl {
     }
 }
 
-fn open_engine(paths: &[PathSpec], mode: NetMode, mtu: u32) -> Result<NetMirror, String> {
+fn open_engine(paths: &[PathSpec], cfg: NetConfig) -> Result<NetMirror, String> {
     if paths.len() != 2 {
         return Err(format!(
             "give exactly two --path options, got {}",
             paths.len()
         ));
     }
-    NetMirror::open(
-        paths,
-        NetConfig {
-            mode,
-            guest_mtu: mtu,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| e.to_string())
+    NetMirror::open(paths, cfg).map_err(|e| e.to_string())
 }
 
 /// `vhost-mirror net`.
 pub fn run_net(args: &NetArgs) -> Result<(), String> {
-    let engine = open_engine(&args.paths, args.mode, args.guest_mtu)?;
+    let engine = open_engine(
+        &args.paths,
+        NetConfig {
+            mode: args.mode,
+            guest_mtu: args.guest_mtu,
+            probe: args.probe,
+            probe_interval: Duration::from_millis(args.probe_interval),
+            ..Default::default()
+        },
+    )?;
     let stats = Arc::new(NetStats::default());
     if let Some(path) = &args.control {
         control::spawn(
@@ -104,7 +106,14 @@ fn wait_readable(fds: &[RawFd]) -> Vec<bool> {
 /// `vhost-mirror prp-gateway`: frames from the TAP go out on both paths with PRP trailers;
 /// frames from either path are de-duplicated, stripped and handed to the TAP.
 pub fn run_gateway(args: &GatewayArgs) -> Result<(), String> {
-    let engine = open_engine(&args.paths, NetMode::Prp, args.mtu)?;
+    let engine = open_engine(
+        &args.paths,
+        NetConfig {
+            mode: NetMode::Prp,
+            guest_mtu: args.mtu,
+            ..Default::default()
+        },
+    )?;
     let tap = NetPath::open(
         &format!("tap:{}", args.tap)
             .parse::<PathSpec>()

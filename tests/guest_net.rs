@@ -222,11 +222,18 @@ impl Rig {
         } else {
             "active-backup"
         };
+        // active-backup also probes the server (ARP), to see cuts beyond the first switch.
+        let probe: &[&str] = if mode == Mode::ActiveBackup {
+            &["--probe", SERVER_IP]
+        } else {
+            &[]
+        };
         let net = Command::new("ip")
             .args(["netns", "exec", &f, bin, "net", "--socket"])
             .arg(&socket)
             .args(["--path", &format!("tap:vmA{}", path_opts[0])])
             .args(["--path", &format!("tap:vmB{}", path_opts[1])])
+            .args(probe)
             .args(["--mode", mode_arg, "--control"])
             .arg(&rig.control)
             .env("RUST_LOG", "info")
@@ -829,6 +836,37 @@ fn active_backup_guest_fails_over_and_announces() {
         rig.s
     ));
     assert!(out.contains("3 received"), "{out}");
+
+    // A cut beyond the first switch: B's uplink to the server's switch goes down while vmB
+    // keeps its carrier. Only the ARP probes can tell; traffic moves back to A.
+    let sum = stream_through(
+        &mut rig,
+        7005,
+        count,
+        &format!("ip -n {f} link set upB down"),
+        &format!("ip -n {f} link set upB up"),
+    );
+    let missing = sum["missing"].as_u64().unwrap();
+    let st = rig.status();
+    eprintln!(
+        "active-backup, uplink cut (probes): {missing} of {count} datagrams lost (window ~{} ms), \
+         {} duplicates; paths {}",
+        missing * 10,
+        sum["duplicates"],
+        st["paths"]
+    );
+    assert_eq!(st["failovers"], 2, "{st}\n{}", rig.log("net.log"));
+    assert_eq!(st["paths"][0]["active"], true, "{st}");
+    assert!(
+        st["paths"][0]["probe_answers"].as_u64().unwrap() > 0,
+        "{st}"
+    );
+    // Three unanswered probes 100 ms apart, one interval's grace, the 50 ms monitor tick.
+    assert!(
+        missing <= 80,
+        "lost {missing} datagrams (> 800 ms at 10 ms): {sum}"
+    );
+    assert_eq!(sum["duplicates"], 0, "{sum}");
     std::thread::sleep(Duration::from_millis(500));
     signal(&cap, libc::SIGINT);
     let _ = cap.wait();

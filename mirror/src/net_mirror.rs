@@ -54,6 +54,14 @@ pub struct NetConfig {
     pub guest_mtu: u32,
     /// How often carrier is checked (the failover bound in active-backup).
     pub monitor_interval: Duration,
+    /// An IPv4 address on the far side that answers ARP: each path then sends it an ARP probe
+    /// every `probe_interval` (from a MAC of the path's own, with sender address 0.0.0.0, so
+    /// neither the guest's MAC nor anyone's ARP cache moves), and a path whose last
+    /// `probe_misses` probes went unanswered counts as down even with carrier up: a cut
+    /// beyond the first switch is seen too.
+    pub probe: Option<Ipv4Addr>,
+    pub probe_interval: Duration,
+    pub probe_misses: u32,
 }
 
 impl Default for NetConfig {
@@ -62,6 +70,9 @@ impl Default for NetConfig {
             mode: NetMode::Prp,
             guest_mtu: 1500,
             monitor_interval: Duration::from_millis(50),
+            probe: None,
+            probe_interval: Duration::from_millis(100),
+            probe_misses: 3,
         }
     }
 }
@@ -88,6 +99,7 @@ struct PathCounters {
     dropped_inactive: AtomicU64,
     dropped_down: AtomicU64,
     oversize: AtomicU64,
+    probe_answers: AtomicU64,
 }
 
 struct Slot {
@@ -98,12 +110,20 @@ struct Slot {
     forced_down: AtomicBool,
     /// Largest frame the path carries (Ethernet header and one VLAN tag included).
     max_frame: usize,
+    /// The path's own MAC for ARP probes.
+    probe_mac: [u8; 6],
+    /// Probe answers lately (always true without probing).
+    probe_ok: AtomicBool,
+    /// When the far side last answered a probe on this path (ms since the mirror opened).
+    last_answer_ms: AtomicU64,
     c: PathCounters,
 }
 
 impl Slot {
     fn usable(&self) -> bool {
-        self.link.load(Ordering::Relaxed) && !self.forced_down.load(Ordering::Relaxed)
+        self.link.load(Ordering::Relaxed)
+            && !self.forced_down.load(Ordering::Relaxed)
+            && self.probe_ok.load(Ordering::Relaxed)
     }
 }
 
@@ -123,6 +143,7 @@ struct Inner {
     prp: Mutex<PrpNode>,
     learned: Mutex<Learned>,
     rxbuf: Mutex<Vec<u8>>,
+    opened: Instant,
 }
 
 /// One path as the control socket reports it.
@@ -139,6 +160,8 @@ pub struct PathStatus {
     pub dropped_inactive: u64,
     pub dropped_down: u64,
     pub oversize: u64,
+    /// Answers to ARP probes (with `--probe`).
+    pub probe_answers: u64,
 }
 
 /// The network mirror as the control socket reports it.
@@ -190,6 +213,10 @@ impl NetMirror {
                 link: AtomicBool::new(link),
                 forced_down: AtomicBool::new(false),
                 max_frame: (mtu + 14 + 4).min(MAX_FRAME),
+                probe_mac: probe_mac(i),
+                // A path is given the first probe rounds before it can be judged.
+                probe_ok: AtomicBool::new(true),
+                last_answer_ms: AtomicU64::new(0),
                 c: PathCounters::default(),
             });
         }
@@ -206,6 +233,7 @@ impl NetMirror {
             prp: Mutex::new(PrpNode::new()),
             learned: Mutex::new(Learned::default()),
             rxbuf: Mutex::new(vec![0u8; MAX_FRAME]),
+            opened: Instant::now(),
         });
         let weak = Arc::downgrade(&inner);
         thread::Builder::new()
@@ -271,6 +299,14 @@ impl NetMirror {
                 continue;
             }
             let frame = &buf[..n];
+            if let Some(target) = inner.cfg.probe {
+                if is_probe_answer(frame, slot.probe_mac, target) {
+                    slot.c.probe_answers.fetch_add(1, Ordering::Relaxed);
+                    let ms = inner.opened.elapsed().as_millis() as u64;
+                    slot.last_answer_ms.store(ms.max(1), Ordering::Relaxed);
+                    continue;
+                }
+            }
             match inner.cfg.mode {
                 NetMode::Prp => {
                     let lan = if path == 0 { Lan::A } else { Lan::B };
@@ -343,10 +379,12 @@ impl NetMirror {
                     spec: s.path.spec().to_string(),
                     state: if s.forced_down.load(Ordering::Relaxed) {
                         "failed"
-                    } else if s.link.load(Ordering::Relaxed) {
-                        "up"
-                    } else {
+                    } else if !s.link.load(Ordering::Relaxed) {
                         "down"
+                    } else if !s.probe_ok.load(Ordering::Relaxed) {
+                        "no-answer"
+                    } else {
+                        "up"
                     },
                     active: inner.cfg.mode == NetMode::Prp || i == active,
                     sent: g(&s.c.sent),
@@ -356,6 +394,7 @@ impl NetMirror {
                     dropped_inactive: g(&s.c.dropped_inactive),
                     dropped_down: g(&s.c.dropped_down),
                     oversize: g(&s.c.oversize),
+                    probe_answers: g(&s.c.probe_answers),
                 })
                 .collect(),
         }
@@ -385,8 +424,26 @@ impl Inner {
 
     /// Refreshes carrier and, in active-backup, moves traffic off a path that went down.
     fn evaluate(&self) {
-        for s in &self.slots {
+        let now_ms = self.opened.elapsed().as_millis() as u64;
+        let window = (self.cfg.probe_interval * self.cfg.probe_misses.max(1)).as_millis() as u64
+            // One interval more: an answer takes a moment to come back.
+            + self.cfg.probe_interval.as_millis() as u64;
+        for (i, s) in self.slots.iter().enumerate() {
             s.link.store(s.path.link_up(), Ordering::Relaxed);
+            if self.cfg.probe.is_some() {
+                let last = s.last_answer_ms.load(Ordering::Relaxed);
+                // Until the first window has passed a path is not judged.
+                let ok = now_ms < window || (last > 0 && now_ms.saturating_sub(last) <= window);
+                if s.probe_ok.swap(ok, Ordering::Relaxed) != ok {
+                    if ok {
+                        info!("path {i}: the probe target answers again");
+                    } else {
+                        warn!(
+                            "path {i}: no answer to ARP probes for {window} ms although the link is up"
+                        );
+                    }
+                }
+            }
         }
         if self.cfg.mode != NetMode::ActiveBackup {
             return;
@@ -423,6 +480,39 @@ impl Inner {
     }
 }
 
+/// A locally administered MAC for path `i`'s probes, distinct per daemon (pid) and path.
+fn probe_mac(i: usize) -> [u8; 6] {
+    let pid = std::process::id().to_be_bytes();
+    [0x02, 0x76, pid[1], pid[2], pid[3], i as u8]
+}
+
+/// An ARP probe (RFC 5227: sender address 0.0.0.0) asking for `target`. Its owner answers to
+/// `mac` alone, and nobody's ARP cache learns anything from it.
+pub fn arp_probe(mac: [u8; 6], target: Ipv4Addr) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ETH_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f.resize(60, 0);
+    f
+}
+
+/// Whether `frame` is `target`'s ARP reply to a probe sent from `mac`.
+fn is_probe_answer(frame: &[u8], mac: [u8; 6], target: Ipv4Addr) -> bool {
+    let Some((ETH_ARP, off)) = ethertype(frame) else {
+        return false;
+    };
+    let Some(arp) = frame.get(off..off + 28) else {
+        return false;
+    };
+    frame[..6] == mac && arp[6..8] == [0, 2] && arp[14..18] == target.octets()
+}
+
 fn fmt_mac(m: [u8; 6]) -> String {
     format!(
         "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
@@ -432,8 +522,17 @@ fn fmt_mac(m: [u8; 6]) -> String {
 
 fn monitor(inner: Weak<Inner>) {
     let mut last_supervision = Instant::now() - Duration::from_secs(10);
+    let mut last_probe = Instant::now() - Duration::from_secs(10);
     loop {
         let Some(me) = inner.upgrade() else { return };
+        if let Some(target) = me.cfg.probe {
+            if last_probe.elapsed() >= me.cfg.probe_interval {
+                last_probe = Instant::now();
+                for (i, s) in me.slots.iter().enumerate() {
+                    me.send_on(i, &arp_probe(s.probe_mac, target));
+                }
+            }
+        }
         me.evaluate();
         if me.cfg.mode == NetMode::Prp && last_supervision.elapsed() >= Duration::from_secs(2) {
             last_supervision = Instant::now();
@@ -583,6 +682,34 @@ mod tests {
         assert_eq!(l.mac, Some(mac));
         assert_eq!(l.ipv4, vec![Ipv4Addr::new(10, 9, 0, 2)]);
         assert_eq!(l.ipv6, vec!["fd00::2".parse::<Ipv6Addr>().unwrap()]);
+    }
+
+    #[test]
+    fn probes_and_their_answers() {
+        let mac = [0x02, 0x76, 1, 2, 3, 0];
+        let target = Ipv4Addr::new(10, 0, 0, 9);
+        let p = arp_probe(mac, target);
+        assert_eq!(p.len(), 60);
+        assert_eq!(&p[..6], &[0xff; 6]);
+        assert_eq!(&p[28..32], &[0, 0, 0, 0], "sender address 0.0.0.0");
+        assert_eq!(&p[38..42], &target.octets());
+        // The target's answer, as Linux sends it: unicast to the probe's MAC.
+        let mut a = Vec::new();
+        a.extend_from_slice(&mac);
+        a.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+        a.extend_from_slice(&[0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 2]);
+        a.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+        a.extend_from_slice(&target.octets());
+        a.extend_from_slice(&mac);
+        a.extend_from_slice(&[0, 0, 0, 0]);
+        assert!(is_probe_answer(&a, mac, target));
+        assert!(!is_probe_answer(&a, [0x02, 0x76, 1, 2, 3, 1], target));
+        assert!(!is_probe_answer(&a, mac, Ipv4Addr::new(10, 0, 0, 8)));
+        assert!(
+            !is_probe_answer(&p, mac, target),
+            "our own probe is no answer"
+        );
+        assert!(!is_probe_answer(&a[..30], mac, target));
     }
 
     #[test]
