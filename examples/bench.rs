@@ -58,8 +58,10 @@ const SECTIONS: [&str; 8] = [
 
 const USAGE: &str = "\
 usage: cargo run --release --example bench -- [options]
-  --seconds N       measured seconds per run (default 3)
-  --warmup N        unmeasured seconds before each run (default 1)
+  --seconds N       measured seconds per round (default 1)
+  --warmup N        unmeasured seconds before each round (default 0.5)
+  --rounds N        rounds per workload, the targets taking turns (default 3): IOPS is the
+                    median of the rounds, p50/p99 are over every request of every round
   --quick           only QD32 randwrite 4K and QD1 randwrite 4K; no memory/resync runs
   --size MIB        working set and leg size in MiB (default 1024)
   --out FILE        also write the report (with the machine's description) to FILE
@@ -84,14 +86,16 @@ struct Opts {
     keep: bool,
     /// `--io-timeout` for every vhost-mirror daemon (default: the daemon's own).
     io_timeout: Option<u64>,
+    /// Rounds per workload; the targets take turns round by round.
+    rounds: usize,
     /// `--workloads`: replaces the standard list (development).
     workloads: Option<Vec<Workload>>,
 }
 
 fn parse_args() -> Opts {
     let mut o = Opts {
-        seconds: 3.0,
-        warmup: 1.0,
+        seconds: 1.0,
+        warmup: 0.5,
         quick: false,
         size: 1024 * MIB,
         out: None,
@@ -99,6 +103,7 @@ fn parse_args() -> Opts {
         rss_seconds: 20.0,
         keep: false,
         io_timeout: None,
+        rounds: 3,
         workloads: None,
     };
     let mut only: Option<Vec<String>> = None;
@@ -121,6 +126,7 @@ fn parse_args() -> Opts {
             "--size" => o.size = num(args.next(), "--size") as u64 * MIB,
             "--quick" => o.quick = true,
             "--keep" => o.keep = true,
+            "--rounds" => o.rounds = num(args.next(), "--rounds") as usize,
             "--io-timeout" => o.io_timeout = Some(num(args.next(), "--io-timeout") as u64),
             "--workloads" => {
                 let list = args
@@ -762,7 +768,11 @@ fn touch_chunks(c: &mut Client, ws: u64) {
 
 #[derive(Clone, Copy, Default)]
 struct Stats {
+    /// With rounds: the median of the rounds' IOPS.
     iops: f64,
+    /// Lowest and highest IOPS of the rounds.
+    iops_min: f64,
+    iops_max: f64,
     mibs: f64,
     p50: f64,
     p99: f64,
@@ -771,22 +781,44 @@ struct Stats {
 
 /// Figures for completions between `from` and `to` (since t0).
 fn window(trace: &Trace, from: Duration, to: Duration, bs: usize) -> Stats {
+    let lat = window_lat(trace, from, to);
+    let secs = (to - from).as_secs_f64();
+    if secs <= 0.0 {
+        return Stats::default();
+    }
+    let iops = lat.len() as f64 / secs;
+    stats_of(lat, &[iops], bs)
+}
+
+/// Latencies (ns) of the completions between `from` and `to`.
+fn window_lat(trace: &Trace, from: Duration, to: Duration) -> Vec<u32> {
     let (a, b) = (from.as_micros() as u32, to.as_micros() as u32);
-    let mut lat: Vec<u32> = trace
+    trace
         .done
         .iter()
         .filter(|(at, _)| *at >= a && *at < b)
         .map(|(_, ns)| *ns)
-        .collect();
-    let secs = (to - from).as_secs_f64();
-    if lat.is_empty() || secs <= 0.0 {
+        .collect()
+}
+
+/// Figures over the latencies of every round and the rounds' IOPS (median, min, max).
+fn stats_of(mut lat: Vec<u32>, rounds_iops: &[f64], bs: usize) -> Stats {
+    if lat.is_empty() || rounds_iops.is_empty() {
         return Stats::default();
     }
     lat.sort_unstable();
     let pct = |p: usize| lat[(lat.len() * p / 100).min(lat.len() - 1)] as f64 / 1000.0;
-    let iops = lat.len() as f64 / secs;
+    let mut v = rounds_iops.to_vec();
+    v.sort_by(f64::total_cmp);
+    let iops = if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
     Stats {
         iops,
+        iops_min: v[0],
+        iops_max: v[v.len() - 1],
         mibs: iops * bs as f64 / MIB as f64,
         p50: pct(50),
         p99: pct(99),
@@ -852,26 +884,48 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
         .clone()
         .unwrap_or_else(|| workloads(opts.quick));
     for (wi, w) in list.into_iter().enumerate() {
-        for (t, c) in targets.iter_mut().zip(clients.iter_mut()) {
-            if w.write {
-                // Steady state for vhost-mirror's write-intent bitmap: every chunk of the
-                // working set written recently, as a guest's hot data is (the bits are cleared
-                // a few seconds after the last write, e.g. during the read workloads). Done for
-                // every target alike.
-                touch_chunks(c, ws);
+        // Per target: latencies of every round, each round's IOPS, errors, notes.
+        let mut acc: Vec<(Vec<u32>, Vec<f64>, u64, String)> =
+            targets.iter().map(|_| Default::default()).collect();
+        // The targets take turns round by round, so a burst of load from elsewhere hits one
+        // round of each rather than all rounds of one.
+        for round in 0..opts.rounds {
+            for (ti, (t, c)) in targets.iter_mut().zip(clients.iter_mut()).enumerate() {
+                if w.write && round == 0 {
+                    // Steady state for vhost-mirror's write-intent bitmap: every chunk of the
+                    // working set written recently, as a guest's hot data is (the bits are
+                    // cleared a few seconds after the last write, e.g. during the read
+                    // workloads). Done for every target alike.
+                    touch_chunks(c, ws);
+                }
+                let t0 = Instant::now();
+                let seed = 0x9e37_79b9 + (wi * 16 + round) as u64;
+                let trace = drive(c, w, ws, seed, t0, |e| e < warm + dur);
+                let lat = window_lat(&trace, warm, warm + dur);
+                let a = &mut acc[ti];
+                a.1.push(lat.len() as f64 / dur.as_secs_f64());
+                a.0.extend(lat);
+                a.2 += trace.errors;
+                let note = t.health();
+                if !note.is_empty() && a.3.is_empty() {
+                    a.3 = note;
+                }
             }
-            let t0 = Instant::now();
-            let trace = drive(c, w, ws, 0x9e37_79b9 + wi as u64, t0, |e| e < warm + dur);
-            let stats = window(&trace, warm, warm + dur, w.bs);
-            let mut note = t.health();
-            if trace.errors > 0 {
-                note = format!("{} I/O errors. {note}", trace.errors);
+        }
+        for ((t, _), (lat, iops, errors, mut note)) in
+            targets.iter_mut().zip(clients.iter()).zip(acc)
+        {
+            let stats = stats_of(lat, &iops, w.bs);
+            if errors > 0 {
+                note = format!("{errors} I/O errors. {note}");
             }
             println!(
-                "  {:<18} {:<44} {:>9.0} IOPS {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs {note}",
+                "  {:<18} {:<44} {:>9.0} IOPS ({:.0}–{:.0}) {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs {note}",
                 w.name(),
                 t.label,
                 stats.iops,
+                stats.iops_min,
+                stats.iops_max,
                 stats.mibs,
                 stats.p50,
                 stats.p99
@@ -892,10 +946,10 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
 fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(
-        "| workload | target | IOPS | MiB/s | p50 µs | p99 µs | vhost-mirror IOPS ÷ this | \
-         vhost-mirror p50 ÷ this (QD1) |\n",
+        "| workload | target | IOPS (median) | rounds' range | MiB/s | p50 µs | p99 µs | \
+         vhost-mirror IOPS ÷ this | vhost-mirror p50 ÷ this (QD1) |\n",
     );
-    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     let mut i = 0;
     while i < rows.len() {
         let w = rows[i].workload.name();
@@ -929,8 +983,17 @@ fn table(rows: &[Row]) -> String {
             };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} |",
-                w, target, r.stats.iops, r.stats.mibs, r.stats.p50, r.stats.p99, ri, rp
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                w,
+                target,
+                r.stats.iops,
+                r.stats.iops_min,
+                r.stats.iops_max,
+                r.stats.mibs,
+                r.stats.p50,
+                r.stats.p99,
+                ri,
+                rp
             );
         }
     }
@@ -1015,7 +1078,7 @@ fn file_node(name: &str, img: &Path) -> String {
     )
 }
 
-fn file_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+fn file_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
     file_legs(
         env,
         opts,
@@ -1028,11 +1091,15 @@ fn file_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
 
 /// The same with both images in /dev/shm (tmpfs, which takes O_DIRECT since Linux 6.6): no
 /// disk under the legs, so what is left is the software path.
-fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
+fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
     let dir = PathBuf::from(format!("/dev/shm/vhm-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-    let imgs = [dir.join("leg0.img"), dir.join("leg1.img")];
+    let imgs = [
+        dir.join("leg0.img"),
+        dir.join("leg1.img"),
+        dir.join("leg2.img"),
+    ];
     for p in &imgs {
         image(p, opts.size + META_ROOM);
     }
@@ -1048,7 +1115,7 @@ fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
     s
 }
 
-fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &str) -> String {
+fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], title: &str, place: &str) -> String {
     println!("\n== {title} ==");
     let legs: Vec<String> = imgs
         .iter()
@@ -1061,7 +1128,7 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &s
             "qsd file (aio=native)",
             &[format!(
                 "driver=file,node-name=disk,filename={},cache.direct=on,aio=native,locking=off",
-                imgs[0].display()
+                imgs[2].display()
             )],
         ),
         Target::qsd(
@@ -1069,7 +1136,7 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &s
             "qsd file (aio=io_uring)",
             &[format!(
                 "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring,locking=off",
-                imgs[0].display()
+                imgs[2].display()
             )],
         ),
         Target::qsd(
@@ -1091,7 +1158,7 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &s
         &format!(
             "vhost-mirror `blk --leg file:leg0.img --leg file:leg1.img` after \
              `create --assume-clean` (metadata on), both legs io_uring + O_DIRECT, reads \
-             `least-outstanding` over both legs; vs qsd exporting leg0.img alone with \
+             `least-outstanding` over both legs; vs qsd exporting a third image of the same kind alone (so the mirrored pair stays identical) with \
              `driver=file,cache.direct=on` and `aio=native` or `aio=io_uring`, and vs qsd \
              `driver=quorum,vote-threshold=2,read-pattern=fifo` over both files (`aio=native`): \
              the same two writes per guest write as vhost-mirror. {place} Images: {} MiB \
@@ -1103,15 +1170,13 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], title: &str, place: &s
     )
 }
 
-fn nbd_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+fn nbd_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
     // The single-leg peer writes a third image of its own, so the two mirrored images stay
     // identical and quorum's comparing reads find no mismatch.
-    let third = env.path("leg2.img");
-    image(&third, opts.size + META_ROOM);
     let nbd = [
         Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
         Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
-        Nbdkit::start(env, &env.path("nbd2.sock"), &third),
+        Nbdkit::start(env, &env.path("nbd2.sock"), &imgs[2]),
     ];
     nbd_legs(
         env,
@@ -1125,7 +1190,7 @@ fn nbd_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
 }
 
 /// The same with nbdkit's memory plugin: servers that cost little, so the clients show.
-fn nbd_mem_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 2]) -> String {
+fn nbd_mem_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
     let size = opts.size + META_ROOM;
     let nbd = [
         Nbdkit::memory(env, &env.path("nbdm0.sock"), size),
@@ -1297,7 +1362,7 @@ fn rss_run(opts: &Opts, t: &mut Target) -> (String, String) {
     (row, timeline)
 }
 
-fn memory_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+fn memory_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
     println!("\n== resident memory over a sustained run ==");
     let nbd = [
         Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
@@ -1360,7 +1425,7 @@ struct ResyncLog {
     dirty_at_readd: u64,
 }
 
-fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
     resync_run(env, opts, imgs, 0)
 }
 
@@ -1369,13 +1434,13 @@ const RESYNC_CAP: u64 = 100 * MIB;
 
 /// The same under load with `--resync-rate` capped: what the guest keeps when the resync
 /// is told to leave room.
-fn resync_capped_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 2]) -> String {
+fn resync_capped_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
     resync_run(env, opts, imgs, RESYNC_CAP)
 }
 
 /// Resync under load at `rate` bytes/s (0: unlimited); when unlimited, also the resync with
 /// the client idle and a leg's own bandwidth.
-fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], rate: u64) -> String {
+fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String {
     println!("\n== resync under load (rate {}) ==", rate_name(rate));
     let mut nbd = [
         Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
@@ -1480,8 +1545,8 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 2], rate: u64) -> String 
                     ev(log, "resync done, leg 1 up to date".into());
                     break;
                 }
-                if lim.elapsed() > Duration::from_secs(300) {
-                    ev(log, format!("resync not done after 300 s: {st}"));
+                if lim.elapsed() > Duration::from_secs(120) {
+                    ev(log, format!("resync not done after 120 s: {st}"));
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
@@ -1755,7 +1820,7 @@ fn idle_resync(
     std::thread::sleep(Duration::from_millis(500));
     nbd[1].restart(env);
     let _ = ctl(&control, r#"{"cmd":"re-add","leg":1}"#);
-    let done = wait("leg 1 up to date", Duration::from_secs(600), &|st| {
+    let done = wait("leg 1 up to date", Duration::from_secs(180), &|st| {
         st["legs"][1]["state"] == "uptodate" && st["resync"].is_null()
     });
     let log = t.proc.log_text();
@@ -1941,19 +2006,24 @@ fn main() {
     let need_images = ["file", "nbd", "memory", "resync", "resync-capped"]
         .iter()
         .any(|s| has(s));
-    let imgs = [env.path("leg0.img"), env.path("leg1.img")];
+    // The third image is the single-leg peers' own, so the mirrored pair stays identical.
+    let imgs = [
+        env.path("leg0.img"),
+        env.path("leg1.img"),
+        env.path("leg2.img"),
+    ];
     if need_images {
         let t = Instant::now();
         for p in &imgs {
             image(p, opts.size + META_ROOM);
         }
         println!(
-            "wrote two {} MiB leg images in {:.1} s",
+            "wrote three {} MiB leg images in {:.1} s",
             (opts.size + META_ROOM) / MIB,
             t.elapsed().as_secs_f64()
         );
     }
-    type SectionFn = fn(&Env, &Opts, &[PathBuf; 2]) -> String;
+    type SectionFn = fn(&Env, &Opts, &[PathBuf; 3]) -> String;
     let sections: [(&str, SectionFn); 8] = [
         ("null", |e, o, _| null_section(e, o)),
         ("file", file_section),
@@ -1984,6 +2054,13 @@ fn main() {
             }
             None => body.push_str(&text),
         }
+        if let Some(out) = &opts.out {
+            // What is done so far, in case a later section hangs or is interrupted.
+            let _ = std::fs::write(
+                out,
+                format!("# vhost-mirror benchmark run (incomplete)\n\n## Results\n\n{body}"),
+            );
+        }
     }
     let load_end = loadavg();
 
@@ -1997,7 +2074,8 @@ fn main() {
          - client: libblkio (blkio crate 0.5, virtio-blk-vhost-user), one queue, one thread\n\
          - load average (1/5/15 min) at start: {load_start}; at end: {load_end}\n\
          - command: `cargo run --release --example bench -- {}`\n\
-         - per run: {:.1} s warm-up (not counted), {:.1} s measured; working set {} MiB\n\
+         - per workload and target: {} rounds of {:.1} s warm-up (not counted) and {:.1} s \
+           measured, the targets taking turns; working set {} MiB\n\
          - vhost-mirror `--io-timeout`: {}\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         first_line_of("/proc/cpuinfo", "model name"),
@@ -2006,6 +2084,7 @@ fn main() {
             .unwrap_or_default()
             .trim(),
         cmdline.join(" "),
+        opts.rounds,
         opts.warmup,
         opts.seconds,
         opts.size / MIB,
