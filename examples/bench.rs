@@ -891,11 +891,12 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
         // round of each rather than all rounds of one.
         for round in 0..opts.rounds {
             for (ti, (t, c)) in targets.iter_mut().zip(clients.iter_mut()).enumerate() {
-                if w.write && round == 0 {
+                if w.write {
                     // Steady state for vhost-mirror's write-intent bitmap: every chunk of the
-                    // working set written recently, as a guest's hot data is (the bits are
-                    // cleared a few seconds after the last write, e.g. during the read
-                    // workloads). Done for every target alike.
+                    // working set written recently, as a guest's hot data is. The bits are
+                    // cleared two sweeps (2 s apart) after the last write to a chunk, which
+                    // happens while the other targets take their turn. Done for every target
+                    // alike, before every round.
                     touch_chunks(c, ws);
                 }
                 let t0 = Instant::now();
