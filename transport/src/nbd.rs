@@ -684,33 +684,8 @@ impl Shared {
     /// Waits until the socket is readable or the eventfd fires, at most `timeout` (forever with
     /// `None`). Clears the eventfd.
     fn wait_readable(&self, timeout: Option<Duration>) -> io::Result<()> {
-        let mut pfd = [
-            libc::pollfd {
-                fd: self.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
         let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
-        // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
-        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, ms) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            return if e.kind() == io::ErrorKind::Interrupted {
-                Ok(())
-            } else {
-                Err(e)
-            };
-        }
-        if pfd[1].revents != 0 {
-            clear_eventfd(&self.wake);
-        }
-        Ok(())
+        poll_woken(self.fd.as_raw_fd(), libc::POLLIN, &self.wake, ms).map(|_| ())
     }
 
     /// Inserts one command into the in-flight map and queues it, with the state locked so
@@ -1076,35 +1051,47 @@ fn wait_writable(shared: &Shared, fd: RawFd) -> io::Result<()> {
         if !shared.alive.load(Ordering::Acquire) {
             return Err(io::Error::new(io::ErrorKind::BrokenPipe, "leg shut down"));
         }
-        let mut pfd = [
-            libc::pollfd {
-                fd,
-                events: libc::POLLOUT,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: shared.wake_send.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
-        let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, SEND_POLL_MS) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if pfd[1].revents != 0 {
-            clear_eventfd(&shared.wake_send);
-        }
         // Writable, hung up or failed (or woken): the next sendmsg tells which.
-        if r > 0 {
+        if poll_woken(fd, libc::POLLOUT, &shared.wake_send, SEND_POLL_MS)? {
             return Ok(());
         }
     }
+}
+
+/// Waits until `fd` has one of `events` or `wake` fires (whose counter is then reset), at most
+/// `timeout_ms` (-1: no limit). True if either happened; an interrupted wait counts as a wake-up.
+fn poll_woken(
+    fd: RawFd,
+    events: libc::c_short,
+    wake: &OwnedFd,
+    timeout_ms: libc::c_int,
+) -> io::Result<bool> {
+    let mut pfd = [
+        libc::pollfd {
+            fd,
+            events,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: wake.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
+    let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted {
+            Ok(true)
+        } else {
+            Err(e)
+        };
+    }
+    if pfd[1].revents != 0 {
+        clear_eventfd(wake);
+    }
+    Ok(r > 0)
 }
 
 /// Why the sender stopped in the middle of a batch.
@@ -1162,23 +1149,8 @@ fn finish_partial(shared: &Shared, fd: RawFd, p: Partial) -> Result<(), String> 
                         left.as_millis().min(i32::MAX as u128) as libc::c_int
                     }
                 };
-                let mut pfd = [
-                    libc::pollfd {
-                        fd,
-                        events: libc::POLLOUT,
-                        revents: 0,
-                    },
-                    libc::pollfd {
-                        fd: shared.wake_send.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    },
-                ];
-                // SAFETY: `pfd` is an array of two valid pollfds for the duration of the call.
-                let r = unsafe { libc::poll(pfd.as_mut_ptr(), 2, timeout) };
-                if r > 0 && pfd[1].revents != 0 {
-                    clear_eventfd(&shared.wake_send);
-                }
+                poll_woken(fd, libc::POLLOUT, &shared.wake_send, timeout)
+                    .map_err(|e| format!("poll failed: {e}"))?;
             }
             _ => return Err(e.to_string()),
         }
