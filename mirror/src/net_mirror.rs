@@ -520,9 +520,13 @@ fn fmt_mac(m: [u8; 6]) -> String {
     )
 }
 
+/// How often duplicate-discard state is aged.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
+
 fn monitor(inner: Weak<Inner>) {
     let mut last_supervision = Instant::now() - Duration::from_secs(10);
     let mut last_probe = Instant::now() - Duration::from_secs(10);
+    let mut last_sweep = Instant::now();
     loop {
         let Some(me) = inner.upgrade() else { return };
         if let Some(target) = me.cfg.probe {
@@ -534,14 +538,19 @@ fn monitor(inner: Weak<Inner>) {
             }
         }
         me.evaluate();
+        // Sweeping well inside the 400 ms forget time keeps the `unique` counters (frames one
+        // LAN lost) current for status readers, not up to a supervision period late.
+        if me.cfg.mode == NetMode::Prp && last_sweep.elapsed() >= SWEEP_INTERVAL {
+            last_sweep = Instant::now();
+            if let Ok(mut p) = me.prp.lock() {
+                p.sweep(last_sweep);
+            }
+        }
         if me.cfg.mode == NetMode::Prp && last_supervision.elapsed() >= Duration::from_secs(2) {
             last_supervision = Instant::now();
             let mac = me.learned.lock().ok().and_then(|l| l.mac);
             let frames = match me.prp.lock() {
-                Ok(mut p) => {
-                    p.sweep(Instant::now());
-                    mac.map(|m| p.supervision_frames(m))
-                }
+                Ok(mut p) => mac.map(|m| p.supervision_frames(m)),
                 Err(_) => None,
             };
             if let Some((a, b)) = frames {
