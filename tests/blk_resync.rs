@@ -253,6 +253,51 @@ fn split_brain_is_refused() {
     assert_eq!(c.read(0, 4096).unwrap(), pattern(3, 4096));
 }
 
+/// A leg lost again while it is being resynced is still this mirror's: when it comes back, to
+/// the running daemon or to one restarted meanwhile, it is resynced again (the superblock the
+/// mirror wrote it while resyncing is no sign of a split brain) and ends up holding every
+/// acknowledged write.
+#[test]
+fn leg_lost_mid_resync_comes_back_and_is_resynced() {
+    // 8 dirty chunks at 2 MiB/s: a resync takes 4 s, time enough to cut it.
+    let mut r = Rig::plain("lostresync", &["--resync-rate", "2M"]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    write_pattern(&mut c, 1);
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    write_pattern(&mut c, 2);
+    r.legs[1].restart();
+    r.wait_leg(1, "resyncing", Duration::from_secs(10));
+
+    // Lost mid-resync, back to the running daemon.
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    write_pattern(&mut c, 3);
+    r.legs[1].restart();
+    r.wait_leg(1, "resyncing", Duration::from_secs(10));
+    let log = r.daemon.log_text();
+    assert!(!log.contains("split brain"), "{log}");
+
+    // Lost mid-resync again; this time the daemon is restarted while the leg is away.
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    write_pattern(&mut c, 4);
+    drop(c);
+    r.daemon.terminate();
+    r.legs[1].restart();
+    r.restart_daemon(&[]);
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    let log = r.daemon.log_text();
+    assert!(!log.contains("split brain"), "{log}");
+
+    // Leg 1 alone must hold pattern 4.
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    r.legs[0].kill();
+    r.wait_leg(0, "failed", Duration::from_secs(5));
+    let stale = count_not(&mut c, 4);
+    assert_eq!(stale, 0, "blocks stale on the twice-resynced leg");
+}
+
 /// The last current leg dies while the other is still resyncing: chunks already copied read
 /// fine, the rest fail with an I/O error rather than stale data.
 #[test]

@@ -157,7 +157,9 @@ impl PeerState {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerRecord {
     pub state: PeerState,
-    /// The last generation at which the leg held every write.
+    /// The last generation at which the leg took every write: up to date then, or being
+    /// resynced (holding every write since it rejoined; the chunks it still lacked stay in the
+    /// bitmap). A superblock of the leg's own newer than this was written elsewhere.
     pub good_gen: u64,
 }
 

@@ -575,7 +575,12 @@ fn on_ejected<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize)
                 }
                 LegState::Resyncing => v.state = PeerState::Resyncing,
                 LegState::Failed | LegState::Outdated => {
-                    if v.state == PeerState::UpToDate {
+                    // A leg being resynced took every write and every superblock (at `old`)
+                    // like an up-to-date one, only not yet every old chunk, which the bitmap
+                    // still holds. Recording `old` lets it come back with the superblock we
+                    // wrote it; left at its earlier value, that superblock would look written
+                    // elsewhere, a split brain that never happened.
+                    if matches!(v.state, PeerState::UpToDate | PeerState::Resyncing) {
                         *v = PeerRecord {
                             state: PeerState::Outdated,
                             good_gen: old,
