@@ -72,6 +72,8 @@ usage: cargo run --release --example bench -- [options]
   --rss-seconds N   length of the sustained run for the memory section (default 20)
   --keep            keep the scratch directory (images, daemon logs) at the end
   --io-timeout MS   pass --io-timeout MS to every vhost-mirror daemon (default: its own, 1000)
+  --daemon-arg ARG  one more argument for every vhost-mirror daemon, repeatable
+                    (e.g. --daemon-arg --poll-us --daemon-arg 0: no polling)
   --workloads LIST  only these workloads, QD:w|r:BYTES each (e.g. 1:w:65536,32:r:4096)
 Build the daemon first: cargo build --release";
 
@@ -90,6 +92,8 @@ struct Opts {
     rounds: usize,
     /// `--workloads`: replaces the standard list (development).
     workloads: Option<Vec<Workload>>,
+    /// `--daemon-arg`: more arguments for every `vhost-mirror blk` (A/B runs of its options).
+    daemon_args: Vec<String>,
 }
 
 fn parse_args() -> Opts {
@@ -105,6 +109,7 @@ fn parse_args() -> Opts {
         io_timeout: None,
         rounds: 3,
         workloads: None,
+        daemon_args: Vec::new(),
     };
     let mut only: Option<Vec<String>> = None;
     let mut extra: Option<bool> = None;
@@ -128,6 +133,10 @@ fn parse_args() -> Opts {
             "--keep" => o.keep = true,
             "--rounds" => o.rounds = num(args.next(), "--rounds") as usize,
             "--io-timeout" => o.io_timeout = Some(num(args.next(), "--io-timeout") as u64),
+            "--daemon-arg" => o.daemon_args.push(
+                args.next()
+                    .unwrap_or_else(|| usage("--daemon-arg takes an argument")),
+            ),
             "--workloads" => {
                 let list = args
                     .next()
@@ -287,11 +296,12 @@ struct Env {
     bin: PathBuf,
     n: std::sync::atomic::AtomicU32,
     keep: bool,
-    io_timeout: Option<u64>,
+    /// Extra arguments of every `vhost-mirror blk`.
+    daemon_args: Vec<String>,
 }
 
 impl Env {
-    fn new(keep: bool, io_timeout: Option<u64>) -> Env {
+    fn new(keep: bool, daemon_args: Vec<String>) -> Env {
         let bin = mirror_binary();
         let dir = PathBuf::from(format!("/var/tmp/vhm-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -302,7 +312,7 @@ impl Env {
             bin,
             n: std::sync::atomic::AtomicU32::new(0),
             keep,
-            io_timeout,
+            daemon_args,
         }
     }
 
@@ -464,9 +474,7 @@ impl Target {
         if !metadata {
             cmd.arg("--no-metadata");
         }
-        if let Some(ms) = env.io_timeout {
-            cmd.arg("--io-timeout").arg(ms.to_string());
-        }
+        cmd.args(&env.daemon_args);
         cmd.env("RUST_LOG", "info");
         let mut proc = Proc::spawn(label, cmd, env.path(&format!("{name}.log")));
         let s = socket.clone();
@@ -1984,7 +1992,12 @@ fn main() {
     if !help.contains("vhost-user-blk") {
         fail("this qemu-storage-daemon has no vhost-user-blk export");
     }
-    let env = Env::new(opts.keep, opts.io_timeout);
+    let mut daemon_args: Vec<String> = opts
+        .io_timeout
+        .map(|ms| vec!["--io-timeout".into(), ms.to_string()])
+        .unwrap_or_default();
+    daemon_args.extend(opts.daemon_args.iter().cloned());
+    let env = Env::new(opts.keep, daemon_args);
     let exe = std::env::current_exe().unwrap_or_default();
     if !exe.to_string_lossy().contains("/release/") {
         eprintln!("bench: warning: not a release build; the figures mean little (use --release)");

@@ -142,6 +142,12 @@ pub struct BlkArgs {
           value_parser = clap::value_parser!(u16).range(1..=32768))]
     pub queue_size: u16,
 
+    /// Longest a queue's worker polls for new requests before sleeping, in microseconds
+    /// (adaptive: it polls less while polling finds nothing); 0 never polls.
+    #[arg(long, value_name = "US", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
+
     /// Present the disk read-only to the guest.
     #[arg(long)]
     pub readonly: bool,
@@ -243,6 +249,7 @@ impl BlkArgs {
             queue_size: self.queue_size.into(),
             read_only: self.readonly,
             serial: self.serial.clone(),
+            poll_max: std::time::Duration::from_micros(self.poll_us),
         }
     }
 }

@@ -229,7 +229,11 @@ fn read_error_on_one_leg_is_served_by_the_other() {
         st["legs"][0]["state"], "uptodate",
         "a bad read is not a dead leg"
     );
-    assert!(st["legs"][0]["errors"].as_u64().unwrap() >= 5);
+    assert!(
+        st["legs"][0]["errors"].as_u64().unwrap() >= 5,
+        "{st}\n{}",
+        r.daemon.log_text()
+    );
     assert!(r.daemon.log_text().contains("moves from leg 0 to leg 1"));
 }
 

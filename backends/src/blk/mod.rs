@@ -34,6 +34,8 @@ use request::{Limits, MAX_DATA_SEGMENTS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 /// The mirror type the block device drives.
 pub type BlkMirror = BlockMirror<Completion>;
 
+/// Default for [`BlkConfig::poll_max`]: QEMU's default `poll-max-ns` for the same job.
+pub const DEFAULT_POLL_MAX: Duration = Duration::from_micros(32);
 /// Largest queue the device offers.
 pub const MAX_QUEUE_SIZE: usize = 1024;
 /// Largest single data segment the device advertises.
@@ -74,6 +76,9 @@ pub struct BlkConfig {
     pub queue_size: usize,
     pub read_only: bool,
     pub serial: String,
+    /// Longest time a queue's worker keeps looking for new requests (notifications off) before
+    /// it goes back to sleep; zero never polls. See [`queue::Poller`].
+    pub poll_max: Duration,
 }
 
 impl Default for BlkConfig {
@@ -83,6 +88,7 @@ impl Default for BlkConfig {
             queue_size: MAX_QUEUE_SIZE,
             read_only: false,
             serial: "vhost-mirror".into(),
+            poll_max: DEFAULT_POLL_MAX,
         }
     }
 }
@@ -189,7 +195,7 @@ impl VhostUserBlk {
         Ok(VhostUserBlk {
             config: config_space(&info, &cfg),
             queues: (0..cfg.num_queues)
-                .map(|_| Arc::new(QueueState::default()))
+                .map(|_| Arc::new(QueueState::new(cfg.poll_max)))
                 .collect(),
             mirror,
             limits,
@@ -325,14 +331,18 @@ impl VhostUserBackend for VhostUserBlk {
             // request that arrives in between is not left waiting for a kick that never comes.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                // One completion batch per pass: what completes inline is answered at its end.
-                transport::batch::run(|| ctx.process());
+                ctx.process();
+                // A driver that keeps its queue busy sends the next requests within microseconds:
+                // looking for them with notifications still off saves its kick and our wake-up.
+                if state.poller.wait_for_requests(vring, &mem) {
+                    continue;
+                }
                 if !vring.enable_notification().map_err(io::Error::other)? {
                     break;
                 }
             }
         } else {
-            transport::batch::run(|| ctx.process());
+            ctx.process();
         }
         Ok(())
     }

@@ -6,8 +6,9 @@
 //! vring thread; the vring lock is held only to add the used entry.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::warn;
 use mirror::{IoStatus, KeepAlive};
@@ -21,20 +22,99 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::request::{self, Limits, ParseError, Request, RequestKind};
 use super::BlkMirror;
 
-/// Chains popped per lock of the vring: enough to amortise the lock, few enough that completions
-/// (which need the same lock) are not held up.
-const POP_BATCH: usize = 32;
+/// Chains popped per lock of the vring, and started as one completion batch. Small, so that the
+/// driver sees answers while the rest of the queue is still being worked through and can refill
+/// it meanwhile: measured with null legs at queue depth 32, 4 gave twice the IOPS of 32, whose
+/// answers all came at the end of the pass and left driver and device taking turns.
+const POP_BATCH: usize = 4;
 
 /// Per-queue bookkeeping shared by the vring thread and the completing threads.
-#[derive(Default)]
 pub struct QueueState {
     inflight: AtomicUsize,
+    /// Used by the queue's vring thread only.
+    pub poller: Poller,
 }
 
 impl QueueState {
+    /// A queue whose worker polls for new requests for up to `poll_max`.
+    pub fn new(poll_max: Duration) -> Self {
+        QueueState {
+            inflight: AtomicUsize::new(0),
+            poller: Poller::new(poll_max),
+        }
+    }
+
     /// Requests accepted and not yet answered.
     pub fn inflight(&self) -> usize {
         self.inflight.load(Ordering::Acquire)
+    }
+}
+
+/// Adaptive polling of a queue's available ring, after QEMU's `aio_poll`: a wake-up through the
+/// kick eventfd costs a system call in the driver and a sleep and wake-up here (tens of
+/// microseconds on a virtual machine's vCPUs); a short spin with notifications off costs
+/// neither when the next requests come soon. The window grows while polling finds requests
+/// and shrinks when it does not, so an idle or slow queue soon stops spinning and leaves the
+/// CPU to the legs' threads.
+pub struct Poller {
+    max_ns: u64,
+    /// Current window in nanoseconds; only the queue's vring thread touches it.
+    window_ns: AtomicU64,
+}
+
+/// Smallest window a poller grows from.
+const POLL_GROW_FROM_NS: u64 = 4_000;
+
+impl Poller {
+    fn new(max: Duration) -> Self {
+        let max_ns = u64::try_from(max.as_nanos()).unwrap_or(u64::MAX);
+        Poller {
+            max_ns,
+            window_ns: AtomicU64::new(max_ns),
+        }
+    }
+
+    /// Spins for up to the current window until the driver has made new requests available.
+    /// Returns whether it has; the caller keeps notifications off meanwhile.
+    pub fn wait_for_requests(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+        let window = self.window_ns.load(Ordering::Relaxed);
+        if self.max_ns == 0 {
+            return false;
+        }
+        let start = Instant::now();
+        let mut spins = 0u32;
+        let found = loop {
+            if has_available(vring, mem) {
+                break true;
+            }
+            if window == 0 || start.elapsed().as_nanos() as u64 >= window {
+                break false;
+            }
+            spins += 1;
+            // Two cores may be shared with the legs' threads: let them run now and then.
+            if spins.is_multiple_of(64) {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        };
+        let next = if found {
+            (window * 2).clamp(POLL_GROW_FROM_NS, self.max_ns)
+        } else {
+            window / 2
+        };
+        self.window_ns.store(next, Ordering::Relaxed);
+        found
+    }
+}
+
+/// Whether the driver has published requests the device has not taken yet.
+fn has_available(vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    let guard = vring.get_ref();
+    let queue = guard.get_queue();
+    match queue.avail_idx(mem, Ordering::Acquire) {
+        Ok(idx) => idx.0 != queue.next_avail(),
+        Err(_) => false,
     }
 }
 
@@ -183,16 +263,19 @@ impl QueueContext<'_> {
                 }
             }
             // The vring lock is released before the mirror sees the requests: a leg may complete
-            // one inline, and answering takes that lock.
+            // one inline, and answering takes that lock. What completes inline is answered at
+            // the end of the batch, under one lock and with at most one notification.
             if batch.is_empty() {
                 return;
             }
-            for (head, parsed) in batch {
-                match parsed {
-                    Ok(req) => self.start(head, req),
-                    Err(e) => self.refuse(head, e),
+            transport::batch::run(|| {
+                for (head, parsed) in batch {
+                    match parsed {
+                        Ok(req) => self.start(head, req),
+                        Err(e) => self.refuse(head, e),
+                    }
                 }
-            }
+            });
         }
     }
 
