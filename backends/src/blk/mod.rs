@@ -312,26 +312,33 @@ impl VhostUserBackend for VhostUserBlk {
         let (Some(vring), Some(state)) = (vrings.get(q), self.queues.get(q)) else {
             return Err(BlkError::UnknownEvent(device_event).into());
         };
-        let mem = self
-            .mem
-            .read()
-            .ok()
-            .and_then(|m| m.as_ref().map(|m| m.memory().into_inner()))
-            .ok_or(BlkError::NoMemory(q))?;
-        let ctx = queue::QueueContext {
-            mirror: &self.mirror,
-            limits: &self.limits,
-            serial: &self.serial,
-            state,
-            vring,
-            mem: &mem,
+        // The memory map is read afresh for every pass: the frontend may add or remove regions
+        // (VHOST_USER_ADD_MEM_REG) while this worker polls, and a stale map would refuse
+        // requests in the new regions.
+        let pass = || -> io::Result<Arc<GuestMemoryMmap>> {
+            let mem = self
+                .mem
+                .read()
+                .ok()
+                .and_then(|m| m.as_ref().map(|m| m.memory().into_inner()))
+                .ok_or(BlkError::NoMemory(q))?;
+            queue::QueueContext {
+                mirror: &self.mirror,
+                limits: &self.limits,
+                serial: &self.serial,
+                state,
+                vring,
+                mem: &mem,
+            }
+            .process();
+            Ok(mem)
         };
         if self.event_idx.load(Ordering::Acquire) {
             // Keep notifications off while draining, and look again after re-enabling them, so a
             // request that arrives in between is not left waiting for a kick that never comes.
             loop {
                 vring.disable_notification().map_err(io::Error::other)?;
-                ctx.process();
+                let mem = pass()?;
                 // A driver that keeps its queue busy sends the next requests within microseconds:
                 // looking for them with notifications still off saves its kick and our wake-up.
                 if state.poller.wait_for_requests(vring, &mem) {
@@ -342,7 +349,7 @@ impl VhostUserBackend for VhostUserBlk {
                 }
             }
         } else {
-            ctx.process();
+            pass()?;
         }
         Ok(())
     }

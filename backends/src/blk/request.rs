@@ -179,24 +179,27 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
             status: None,
         });
     };
-    for d in &all {
-        if !GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize) {
-            return Err(ParseError {
-                reason: Reason::OutOfMemory {
-                    addr: d.addr().0,
-                    len: d.len(),
-                },
-                status: None,
-            });
-        }
+    let in_memory =
+        |d: &Descriptor| GuestMemoryBackend::check_range(mem, d.addr(), d.len() as usize);
+    // The status byte first: wherever else the chain is wrong, a driver that gets its chain back
+    // must read IOERR there, not whatever the byte held before (often 0, "OK").
+    let status = (in_memory(&last) && last.is_write_only() && last.len() > 0)
+        .then(|| GuestAddress(last.addr().0 + u64::from(last.len()) - 1));
+    if let Some(d) = all.iter().find(|d| !in_memory(d)) {
+        return Err(ParseError {
+            reason: Reason::OutOfMemory {
+                addr: d.addr().0,
+                len: d.len(),
+            },
+            status,
+        });
     }
-    if !last.is_write_only() || last.len() == 0 {
+    let Some(status) = status else {
         return Err(ParseError {
             reason: Reason::NoStatus,
             status: None,
         });
-    }
-    let status = GuestAddress(last.addr().0 + u64::from(last.len()) - 1);
+    };
     let fail = |reason| ParseError {
         reason,
         status: Some(status),

@@ -116,8 +116,10 @@ fn header_split_over_descriptors_and_status_sharing_data() {
     assert_eq!(r.status, GuestAddress(DATA + 512));
 }
 
+/// A data buffer outside guest memory is never touched, but the status byte, which is in
+/// memory, still gets IOERR: a driver must not read a stale "OK" there.
 #[test]
-fn descriptor_outside_guest_memory_is_refused_without_touching_it() {
+fn descriptor_outside_guest_memory_is_refused_with_an_error_status() {
     let e = run(
         VIRTIO_BLK_T_IN,
         0,
@@ -125,8 +127,21 @@ fn descriptor_outside_guest_memory_is_refused_without_touching_it() {
     )
     .unwrap_err();
     assert!(matches!(e.reason, Reason::OutOfMemory { .. }));
-    assert_eq!(e.status, None);
+    assert_eq!(e.status, Some(GuestAddress(STATUS)));
     assert!(!e.is_unsupported());
+}
+
+/// A status descriptor outside guest memory leaves nowhere to answer.
+#[test]
+fn status_outside_guest_memory_is_refused_without_a_status() {
+    let e = run(
+        VIRTIO_BLK_T_IN,
+        0,
+        &[d(HDR, 16, 0), d(DATA, 512, W), d(MEM_SIZE + 4096, 1, W)],
+    )
+    .unwrap_err();
+    assert!(matches!(e.reason, Reason::OutOfMemory { .. }));
+    assert_eq!(e.status, None);
 }
 
 #[test]
