@@ -227,6 +227,10 @@ impl<T: Send + Sync + ?Sized> KeepAlive for T {}
 type Handler<C> = Box<dyn Fn(C, IoStatus) + Send + Sync>;
 pub(crate) type Mask = u8;
 
+/// Chunks that can be under copy at once: resync keeps two (one read from the source while the
+/// previous one is written to the target), repair one of its own.
+pub(crate) const COPY_SLOTS: usize = 3;
+
 pub(crate) fn bit(leg: usize) -> Mask {
     1 << leg
 }
@@ -337,8 +341,8 @@ pub(crate) struct Inner<C> {
     md: std::sync::OnceLock<MetaRuntime>,
     pub(crate) held: Mutex<Held<C>>,
     pub(crate) parked: Mutex<Vec<Parked<C>>>,
-    /// The chunk being copied by resync or repair; writes to it wait. `u64::MAX` when none.
-    pub(crate) copying: AtomicU64,
+    /// Chunks being copied (see [`COPY_SLOTS`]); writes to them wait. `u64::MAX` in a free slot.
+    pub(crate) copying: [AtomicU64; COPY_SLOTS],
     pub(crate) worker: Sender<Cmd>,
     pub(crate) stopping: AtomicBool,
     /// Legs kept past the I/O timeout because they were the last up-to-date leg (warned once).
@@ -490,7 +494,7 @@ impl<C: Send + 'static> BlockMirror<C> {
                 list: Vec::new(),
             }),
             parked: Mutex::new(Vec::new()),
-            copying: AtomicU64::new(u64::MAX),
+            copying: std::array::from_fn(|_| AtomicU64::new(u64::MAX)),
             worker: worker_tx,
             stopping: AtomicBool::new(false),
             late_kept: AtomicU8::new(0),
@@ -801,6 +805,13 @@ impl<C: Send + 'static> Inner<C> {
         }
     }
 
+    /// Whether a chunk of `range` is being copied.
+    fn is_copying(&self, range: &Range<u64>) -> bool {
+        self.copying
+            .iter()
+            .any(|s| range.contains(&s.load(Ordering::SeqCst)))
+    }
+
     pub(crate) fn submit(&self, op: LegOp, keep: Option<Arc<dyn KeepAlive>>, ctx: C) {
         if matches!(op, LegOp::Read { .. }) {
             let range = self.chunk_range(&op);
@@ -817,8 +828,7 @@ impl<C: Send + 'static> Inner<C> {
         let chunks = match (self.md(), self.chunk_range(&p.op)) {
             (Some(md), Some(range)) => {
                 let ready = md.chunks.begin(range.clone());
-                let copying = self.copying.load(Ordering::SeqCst);
-                if !ready || range.contains(&copying) {
+                if !ready || self.is_copying(&range) {
                     md.chunks.end(range.clone());
                     self.park(p, range, !ready);
                     return;
@@ -839,9 +849,8 @@ impl<C: Send + 'static> Inner<C> {
             };
             // Look again under the lock: whoever releases parked writes changes the condition
             // first and takes this lock after, so a write is either let through here or seen there.
-            let copying = self.copying.load(Ordering::SeqCst);
             let ready = range.clone().all(|c| md.chunks.persisted.get(c));
-            if !ready || range.contains(&copying) {
+            if !ready || self.is_copying(&range) {
                 if !ready {
                     for c in range {
                         md.chunks.wanted.set(c);

@@ -2,9 +2,10 @@
 //! ejection, resync of a returning leg, read-error repair, and reconnection.
 //!
 //! One worker thread ("mirror-meta") owns every metadata write, so bitmap flushes, sweeps and
-//! superblock rounds never interleave. Resync runs on its own thread and copies one chunk at a
-//! time under the chunk lock (`Inner::copying`): guest writes to that chunk wait until the copy is
-//! done, so an older copy can never land over a newer guest write.
+//! superblock rounds never interleave. Resync runs on its own thread and copies chunks under the
+//! chunk locks (`Inner::copying`): guest writes to a chunk under copy wait until its copy has
+//! landed, so an older copy can never land over a newer guest write. Two chunks are under copy at
+//! a time, one being read from the source while the one before is written to the target.
 
 use std::alloc::{alloc_zeroed, dealloc, Layout as AllocLayout};
 use std::collections::BTreeSet;
@@ -85,7 +86,6 @@ pub(crate) struct MetaRuntime {
     pub(crate) resync_rate: AtomicU64,
     resync: Mutex<Option<ResyncStatus>>,
     resync_running: AtomicBool,
-    copy_lock: Mutex<()>,
     retry: Mutex<Vec<Retry>>,
     state_file: Option<PathBuf>,
 }
@@ -304,7 +304,6 @@ pub(crate) fn load<C: Send + 'static>(inner: &Inner<C>) -> Result<Startup, Mirro
         resync_rate: AtomicU64::new(inner.cfg.resync_rate),
         resync: Mutex::new(None),
         resync_running: AtomicBool::new(false),
-        copy_lock: Mutex::new(()),
         retry: Mutex::new(
             (0..inner.legs.len())
                 .map(|_| Retry {
@@ -650,23 +649,86 @@ fn chunk_len(md: &MetaRuntime, c: u64) -> u64 {
         .min(md.layout.data_size.saturating_sub(off))
 }
 
+/// Slots of `Inner::copying` the resync takes turns with, and the one repair uses.
+const RESYNC_SLOTS: [usize; 2] = [0, 1];
+const REPAIR_SLOT: usize = 2;
+
+/// Guest writes to this chunk were still in flight long after it was locked.
+struct Busy;
+
+/// A chunk locked for copying: guest writes to it wait (parked) until this is dropped, which
+/// must not happen before the copy's write has landed.
+struct Hold<'a, C: Send + 'static> {
+    inner: &'a Inner<C>,
+    slot: usize,
+}
+
+impl<C: Send + 'static> Drop for Hold<'_, C> {
+    fn drop(&mut self) {
+        self.inner.copying[self.slot].store(u64::MAX, Ordering::SeqCst);
+        self.inner.kick_parked();
+    }
+}
+
+/// Locks chunk `c` in `slot` and waits until the guest writes already sent to it are done.
+fn hold_chunk<'a, C: Send + 'static>(
+    inner: &'a Inner<C>,
+    md: &MetaRuntime,
+    slot: usize,
+    c: u64,
+) -> Result<Hold<'a, C>, Busy> {
+    inner.copying[slot].store(c, Ordering::SeqCst);
+    let hold = Hold { inner, slot };
+    let t0 = Instant::now();
+    while md.chunks.inflight(c) != 0 {
+        if t0.elapsed() > inner.cfg.io_timeout * 4 + Duration::from_secs(5) {
+            return Err(Busy);
+        }
+        thread::sleep(Duration::from_micros(50));
+    }
+    Ok(hold)
+}
+
+/// Reads chunk `c` of leg `src` into `buf`; returns its length.
+fn read_chunk<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    c: u64,
+    src: usize,
+    buf: &Arc<IoBuf>,
+) -> Result<u64, LegError> {
+    let len = chunk_len(md, c);
+    let op = LegOp::Read {
+        offset: c * md.layout.chunk_size,
+        bufs: buf.bufs(len as usize),
+    };
+    inner.leg_io(src, op, buf.clone()).map(|()| len)
+}
+
+/// Starts writing the first `len` bytes of `buf` as chunk `c` of leg `dst`.
+fn start_write_chunk<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    c: u64,
+    len: u64,
+    dst: usize,
+    buf: &Arc<IoBuf>,
+) -> Receiver<InternalResult> {
+    let op = LegOp::Write {
+        offset: c * md.layout.chunk_size,
+        bufs: buf.bufs(len as usize),
+        fua: false,
+    };
+    inner.leg_io_start(dst, op, buf.clone())
+}
+
 enum CopyError {
     Source(LegError),
     Target(LegError),
     Busy,
 }
 
-/// Releases the chunk lock and lets waiting writes go, however the copy ends.
-struct Copying<'a, C: Send + 'static>(&'a Inner<C>);
-
-impl<C: Send + 'static> Drop for Copying<'_, C> {
-    fn drop(&mut self) {
-        self.0.copying.store(u64::MAX, Ordering::SeqCst);
-        self.0.kick_parked();
-    }
-}
-
-/// Copies chunk `c` from `src` to `dst` with guest writes to it held off.
+/// Copies chunk `c` from `src` to `dst` with guest writes to it held off (repair).
 fn copy_chunk<C: Send + 'static>(
     inner: &Inner<C>,
     md: &MetaRuntime,
@@ -675,40 +737,19 @@ fn copy_chunk<C: Send + 'static>(
     dst: usize,
     buf: &Arc<IoBuf>,
 ) -> Result<u64, CopyError> {
-    let _one_copier = md.copy_lock.lock().unwrap_or_else(|p| p.into_inner());
-    inner.copying.store(c, Ordering::SeqCst);
-    let _release = Copying(inner);
-    let t0 = Instant::now();
-    while md.chunks.inflight(c) != 0 {
-        if t0.elapsed() > inner.cfg.io_timeout * 4 + Duration::from_secs(5) {
-            return Err(CopyError::Busy);
-        }
-        thread::sleep(Duration::from_micros(50));
-    }
-    let off = c * md.layout.chunk_size;
-    let len = chunk_len(md, c);
-    inner
-        .leg_io(
-            src,
-            LegOp::Read {
-                offset: off,
-                bufs: buf.bufs(len as usize),
-            },
-            buf.clone(),
-        )
-        .map_err(CopyError::Source)?;
-    inner
-        .leg_io(
-            dst,
-            LegOp::Write {
-                offset: off,
-                bufs: buf.bufs(len as usize),
-                fua: false,
-            },
-            buf.clone(),
-        )
-        .map_err(CopyError::Target)?;
+    let _hold = hold_chunk(inner, md, REPAIR_SLOT, c).map_err(|Busy| CopyError::Busy)?;
+    let len = read_chunk(inner, md, c, src, buf).map_err(CopyError::Source)?;
+    let rx = start_write_chunk(inner, md, c, len, dst, buf);
+    inner.leg_io_wait(&rx).map_err(CopyError::Target)?;
     Ok(len)
+}
+
+/// A resync write in flight; its chunk stays locked until it has landed.
+struct InFlight<'a, C: Send + 'static> {
+    c: u64,
+    len: u64,
+    rx: Receiver<InternalResult>,
+    _hold: Hold<'a, C>,
 }
 
 fn pick_source<C: Send + 'static>(inner: &Inner<C>, not: usize) -> Option<usize> {
@@ -721,7 +762,8 @@ fn set_resync(md: &MetaRuntime, s: Option<ResyncStatus>) {
     }
 }
 
-/// Copies `dirty` to `leg`, then marks it up to date.
+/// Copies `dirty` to `leg`, then marks it up to date. The write of one chunk to the target
+/// overlaps the read of the next from the source.
 fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>, total: u64) {
     let Some(md) = inner.md() else { return };
     if md.resync_running.swap(true, Ordering::SeqCst) {
@@ -733,7 +775,11 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
     let l = &inner.legs[leg];
     let t0 = Instant::now();
     let mut done = 0u64;
-    let buf = IoBuf::new(md.layout.chunk_size as usize);
+    let bufs = [
+        IoBuf::new(md.layout.chunk_size as usize),
+        IoBuf::new(md.layout.chunk_size as usize),
+    ];
+    let mut turn = 0;
     let synced = l.synced.read().ok().and_then(|s| s.clone());
     let mut status = ResyncStatus {
         leg,
@@ -743,48 +789,12 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         paused: false,
     };
     set_resync(md, Some(status.clone()));
-    let mut k = 0;
-    let mut finished = true;
-    while k < dirty.len() {
-        let c = dirty[k];
-        if inner.stopping.load(Ordering::SeqCst) || l.state() != LegState::Resyncing {
-            finished = false;
-            break;
+    // Counts a landed chunk: it is current on the target from now on.
+    let mut landed = |c: u64, len: u64, status: &mut ResyncStatus| {
+        if let Some(s) = &synced {
+            s.set(c);
         }
-        if md.resync_paused.load(Ordering::SeqCst) {
-            status.paused = true;
-            set_resync(md, Some(status.clone()));
-            thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        status.paused = false;
-        let Some(src) = pick_source(inner, leg) else {
-            warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
-            finished = false;
-            break;
-        };
-        match copy_chunk(inner, md, c, src, leg, &buf) {
-            Ok(len) => {
-                if let Some(s) = &synced {
-                    s.set(c);
-                }
-                done += len;
-                k += 1;
-            }
-            Err(CopyError::Source(e)) => {
-                inner.eject(src, &format!("resync read failed: {e}"));
-                continue;
-            }
-            Err(CopyError::Target(e)) => {
-                inner.eject(leg, &format!("resync write failed: {e}"));
-                finished = false;
-                break;
-            }
-            Err(CopyError::Busy) => {
-                warn!("chunk {c} stayed busy; trying again");
-                continue;
-            }
-        }
+        done += len;
         let elapsed = t0.elapsed().as_secs_f64().max(1e-6);
         status.done_bytes = done;
         status.rate = (done as f64 / elapsed) as u64;
@@ -795,6 +805,79 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             let spent = t0.elapsed();
             if due > spent {
                 thread::sleep(due - spent);
+            }
+        }
+    };
+    let mut in_flight: Option<InFlight<C>> = None;
+    let mut k = 0;
+    let mut finished = true;
+    while k < dirty.len() {
+        let c = dirty[k];
+        if inner.stopping.load(Ordering::SeqCst) || l.state() != LegState::Resyncing {
+            finished = false;
+            break;
+        }
+        let paused = md.resync_paused.load(Ordering::SeqCst);
+        let src = pick_source(inner, leg);
+        // Nothing new is read while paused or without a source; what is in flight lands first.
+        if paused || src.is_none() {
+            if let Some(w) = in_flight.take() {
+                if let Err(e) = inner.leg_io_wait(&w.rx) {
+                    inner.eject(leg, &format!("resync write failed: {e}"));
+                    finished = false;
+                    break;
+                }
+                landed(w.c, w.len, &mut status);
+            }
+        }
+        if paused {
+            status.paused = true;
+            set_resync(md, Some(status.clone()));
+            thread::sleep(Duration::from_millis(50));
+            continue;
+        }
+        status.paused = false;
+        let Some(src) = src else {
+            warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
+            finished = false;
+            break;
+        };
+        let buf = &bufs[turn];
+        let read = hold_chunk(inner, md, RESYNC_SLOTS[turn], c)
+            .map(|hold| (hold, read_chunk(inner, md, c, src, buf)));
+        // The previous chunk's write went on meanwhile.
+        if let Some(w) = in_flight.take() {
+            if let Err(e) = inner.leg_io_wait(&w.rx) {
+                inner.eject(leg, &format!("resync write failed: {e}"));
+                finished = false;
+                break;
+            }
+            landed(w.c, w.len, &mut status);
+        }
+        match read {
+            Ok((hold, Ok(len))) => {
+                let rx = start_write_chunk(inner, md, c, len, leg, buf);
+                in_flight = Some(InFlight {
+                    c,
+                    len,
+                    rx,
+                    _hold: hold,
+                });
+                turn = 1 - turn;
+                k += 1;
+            }
+            Ok((_hold, Err(e))) => inner.eject(src, &format!("resync read failed: {e}")),
+            Err(Busy) => warn!("chunk {c} stayed busy; trying again"),
+        }
+    }
+    if let Some(w) = in_flight.take() {
+        match inner.leg_io_wait(&w.rx) {
+            Ok(()) => landed(w.c, w.len, &mut status),
+            Err(e) => {
+                if finished {
+                    inner.eject(leg, &format!("resync write failed: {e}"));
+                }
+                finished = false;
             }
         }
     }
