@@ -762,6 +762,43 @@ fn set_resync(md: &MetaRuntime, s: Option<ResyncStatus>) {
     }
 }
 
+/// A running resync's account: what has landed, what the control socket shows, the rate cap.
+struct Progress<'a> {
+    md: &'a MetaRuntime,
+    /// Chunks current on the target.
+    synced: Option<Arc<AtomicBits>>,
+    t0: Instant,
+    status: ResyncStatus,
+}
+
+impl Progress<'_> {
+    fn publish(&self) {
+        set_resync(self.md, Some(self.status.clone()));
+    }
+
+    /// Waits for a write in flight; once it has landed its chunk is current on the target.
+    /// Then keeps to `--resync-rate`.
+    fn land<C: Send + 'static>(&mut self, inner: &Inner<C>, w: InFlight<'_, C>) -> InternalResult {
+        inner.leg_io_wait(&w.rx)?;
+        if let Some(s) = &self.synced {
+            s.set(w.c);
+        }
+        let done = self.status.done_bytes + w.len;
+        let elapsed = self.t0.elapsed();
+        self.status.done_bytes = done;
+        self.status.rate = (done as f64 / elapsed.as_secs_f64().max(1e-6)) as u64;
+        self.publish();
+        let rate = self.md.resync_rate.load(Ordering::SeqCst);
+        if rate > 0 {
+            let due = Duration::from_secs_f64(done as f64 / rate as f64);
+            if due > elapsed {
+                thread::sleep(due - elapsed);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Copies `dirty` to `leg`, then marks it up to date. The write of one chunk to the target
 /// overlaps the read of the next from the source.
 fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>, total: u64) {
@@ -773,41 +810,24 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         }
     }
     let l = &inner.legs[leg];
-    let t0 = Instant::now();
-    let mut done = 0u64;
     let bufs = [
         IoBuf::new(md.layout.chunk_size as usize),
         IoBuf::new(md.layout.chunk_size as usize),
     ];
     let mut turn = 0;
-    let synced = l.synced.read().ok().and_then(|s| s.clone());
-    let mut status = ResyncStatus {
-        leg,
-        done_bytes: 0,
-        total_bytes: total,
-        rate: 0,
-        paused: false,
+    let mut p = Progress {
+        md,
+        synced: l.synced.read().ok().and_then(|s| s.clone()),
+        t0: Instant::now(),
+        status: ResyncStatus {
+            leg,
+            done_bytes: 0,
+            total_bytes: total,
+            rate: 0,
+            paused: false,
+        },
     };
-    set_resync(md, Some(status.clone()));
-    // Counts a landed chunk: it is current on the target from now on.
-    let mut landed = |c: u64, len: u64, status: &mut ResyncStatus| {
-        if let Some(s) = &synced {
-            s.set(c);
-        }
-        done += len;
-        let elapsed = t0.elapsed().as_secs_f64().max(1e-6);
-        status.done_bytes = done;
-        status.rate = (done as f64 / elapsed) as u64;
-        set_resync(md, Some(status.clone()));
-        let rate = md.resync_rate.load(Ordering::SeqCst);
-        if rate > 0 {
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            let spent = t0.elapsed();
-            if due > spent {
-                thread::sleep(due - spent);
-            }
-        }
-    };
+    p.publish();
     let mut in_flight: Option<InFlight<C>> = None;
     let mut k = 0;
     let mut finished = true;
@@ -818,49 +838,41 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             break;
         }
         let paused = md.resync_paused.load(Ordering::SeqCst);
-        let src = pick_source(inner, leg);
-        // Nothing new is read while paused or without a source; what is in flight lands first.
-        if paused || src.is_none() {
-            if let Some(w) = in_flight.take() {
-                if let Err(e) = inner.leg_io_wait(&w.rx) {
-                    inner.eject(leg, &format!("resync write failed: {e}"));
-                    finished = false;
-                    break;
-                }
-                landed(w.c, w.len, &mut status);
-            }
-        }
-        if paused {
-            status.paused = true;
-            set_resync(md, Some(status.clone()));
-            thread::sleep(Duration::from_millis(50));
-            continue;
-        }
-        status.paused = false;
-        let Some(src) = src else {
-            warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
-            finished = false;
-            break;
+        // The next chunk is read (unless paused or without a source) while the previous one is
+        // still being written.
+        let read = match (paused, pick_source(inner, leg)) {
+            (false, Some(src)) => Some((
+                src,
+                hold_chunk(inner, md, RESYNC_SLOTS[turn], c)
+                    .map(|hold| (hold, read_chunk(inner, md, c, src, &bufs[turn]))),
+            )),
+            _ => None,
         };
-        let buf = &bufs[turn];
-        let read = hold_chunk(inner, md, RESYNC_SLOTS[turn], c)
-            .map(|hold| (hold, read_chunk(inner, md, c, src, buf)));
-        // The previous chunk's write went on meanwhile.
         if let Some(w) = in_flight.take() {
-            if let Err(e) = inner.leg_io_wait(&w.rx) {
+            if let Err(e) = p.land(inner, w) {
                 inner.eject(leg, &format!("resync write failed: {e}"));
                 finished = false;
                 break;
             }
-            landed(w.c, w.len, &mut status);
         }
+        let Some((src, read)) = read else {
+            if paused {
+                p.status.paused = true;
+                p.publish();
+                thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+            warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
+            finished = false;
+            break;
+        };
+        p.status.paused = false;
         match read {
             Ok((hold, Ok(len))) => {
-                let rx = start_write_chunk(inner, md, c, len, leg, buf);
                 in_flight = Some(InFlight {
                     c,
                     len,
-                    rx,
+                    rx: start_write_chunk(inner, md, c, len, leg, &bufs[turn]),
                     _hold: hold,
                 });
                 turn = 1 - turn;
@@ -871,16 +883,14 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         }
     }
     if let Some(w) = in_flight.take() {
-        match inner.leg_io_wait(&w.rx) {
-            Ok(()) => landed(w.c, w.len, &mut status),
-            Err(e) => {
-                if finished {
-                    inner.eject(leg, &format!("resync write failed: {e}"));
-                }
-                finished = false;
+        if let Err(e) = p.land(inner, w) {
+            if finished {
+                inner.eject(leg, &format!("resync write failed: {e}"));
             }
+            finished = false;
         }
     }
+    let (done, t0) = (p.status.done_bytes, p.t0);
     if finished && l.state() == LegState::Resyncing {
         match inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)) {
             Err(e) if e != LegError::Unsupported => {
