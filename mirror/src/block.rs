@@ -345,7 +345,8 @@ pub(crate) struct Inner<C> {
     pub(crate) copying: [AtomicU64; COPY_SLOTS],
     pub(crate) worker: Sender<Cmd>,
     pub(crate) stopping: AtomicBool,
-    /// Legs kept past the I/O timeout because they were the last up-to-date leg (warned once).
+    /// Legs kept past the I/O timeout because no other up-to-date leg answered in time (warned
+    /// once).
     late_kept: AtomicU8,
     self_ref: Weak<Inner<C>>,
 }
@@ -1253,15 +1254,18 @@ impl<C: Send + 'static> Inner<C> {
                 self.eject(i, "connection lost");
             } else if late & bit(i) == 0 {
                 self.late_kept.fetch_and(!bit(i), Ordering::Relaxed);
-            } else if l.state() == LegState::UpToDate && self.up_to_date() & !bit(i) == 0 {
-                // The last up-to-date leg: ejecting a slow leg that nothing can replace turns a
-                // stall into I/O errors for the guest and a mirror with no current leg. It stays
-                // and its requests wait, as they would on a plain disk; a leg that is gone (its
-                // connection lost) is still ejected above.
+            } else if self.up_to_date() & !late & !bit(i) == 0 {
+                // No other up-to-date leg answers in time either. Either this is the last
+                // up-to-date leg, whose ejection would turn a stall into I/O errors for the guest
+                // and a mirror with no current leg, or every leg is slow at once (an overloaded
+                // host or fabric), which ejecting one of them does not cure: it would only cost
+                // a resync. The leg stays and its requests wait, as on a plain disk; once another
+                // leg keeps up again, a leg still late is ejected. A leg that is gone (its
+                // connection lost) is ejected above whatever the others do.
                 if self.late_kept.fetch_or(bit(i), Ordering::Relaxed) & bit(i) == 0 {
                     warn!(
-                        "leg {i} {} holds requests past the I/O timeout of {} ms, but it is the \
-                         last up-to-date leg: kept, its requests wait",
+                        "leg {i} {} holds requests past the I/O timeout of {} ms, but no other \
+                         up-to-date leg answers in time: kept, its requests wait",
                         l.uri,
                         timeout.as_millis()
                     );

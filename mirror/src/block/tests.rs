@@ -206,34 +206,51 @@ fn hung_leg_is_ejected_after_the_timeout() {
     );
 }
 
+/// Every leg sits on a write past the timeout (an overloaded host, say): ejecting one would
+/// cure nothing, so both stay. Once one answers, the one still late is ejected and the write
+/// completes from the other.
 #[test]
-fn the_last_up_to_date_leg_is_not_ejected_for_a_timeout() {
+fn legs_late_together_are_kept_until_one_keeps_up() {
     let r = rig(100);
     let mut buf = vec![1u8; 512];
     r.legs[0].set(Mode::Hold);
     r.legs[1].set(Mode::Hold);
     r.mirror.submit(write_op(&mut buf), None, 4);
-    // Both legs sit on the write: one is ejected, the other is all that is left and stays.
     std::thread::sleep(Duration::from_millis(600));
     let st = r.mirror.status();
-    let states = [st.legs[0].state, st.legs[1].state];
     assert_eq!(
-        states.iter().filter(|s| **s == LegState::UpToDate).count(),
-        1,
-        "exactly one leg kept: {states:?}"
+        [st.legs[0].state, st.legs[1].state],
+        [LegState::UpToDate, LegState::UpToDate],
+        "both kept while both are late"
     );
+    assert!(r.done.try_recv().is_err(), "the write waits for its legs");
+    let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
+    r.legs[0].sink.complete(tag, Ok(()));
+    // Leg 0 answered; leg 1 alone is late now and goes at the watchdog's next look.
+    assert_eq!(wait(&r), (4, IoStatus::Ok));
+    let st = r.mirror.status();
+    assert_eq!(st.legs[0].state, LegState::UpToDate);
+    assert_eq!(st.legs[1].state, LegState::Failed);
+}
+
+/// The last up-to-date leg is kept however late it is: ejecting it would fail the guest.
+#[test]
+fn the_last_up_to_date_leg_is_not_ejected_for_a_timeout() {
+    let r = rig(100);
+    let mut buf = vec![1u8; 512];
+    r.mirror.fail_leg(1).unwrap();
+    r.legs[0].set(Mode::Hold);
+    r.mirror.submit(write_op(&mut buf), None, 5);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(r.mirror.status().legs[0].state, LegState::UpToDate);
     assert!(
         r.done.try_recv().is_err(),
         "the write waits for the kept leg"
     );
-    let kept = states
-        .iter()
-        .position(|s| *s == LegState::UpToDate)
-        .unwrap();
-    let tag = r.legs[kept].held.lock().unwrap().pop().unwrap();
-    r.legs[kept].sink.complete(tag, Ok(()));
-    assert_eq!(wait(&r), (4, IoStatus::Ok));
-    assert_eq!(r.mirror.status().legs[kept].state, LegState::UpToDate);
+    let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
+    r.legs[0].sink.complete(tag, Ok(()));
+    assert_eq!(wait(&r), (5, IoStatus::Ok));
+    assert_eq!(r.mirror.status().legs[0].state, LegState::UpToDate);
 }
 
 #[test]
