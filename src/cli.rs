@@ -56,7 +56,8 @@ pub struct NetArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: PathBuf,
 
-    /// A path: tap:NAME or packet:IFNAME, with optional ?drop=PCT&reorder=PCT for drills. Give two.
+    /// A path: tap:NAME or packet:IFNAME, with optional ?drop=PCT&reorder=PCT&delay=MS for drills.
+    /// Give two.
     #[arg(long = "path", value_name = "SPEC", required = true)]
     pub paths: Vec<PathSpec>,
 

@@ -225,3 +225,22 @@ fn lossy_reordering_path_loses_nothing() {
     eprintln!("lossy path: {tx} sent, {rx} received, {dup} duplicates");
     assert_eq!((tx, rx, dup), (400, 400, 0));
 }
+
+/// One path is 80 ms slower than the other in both directions: every frame arrives first on B
+/// and its copy on A well after it, yet within the 400 ms forget time, so the late copy is
+/// discarded; nothing is lost and no duplicate reaches either end.
+#[test]
+fn slow_path_loses_nothing_and_passes_no_duplicate() {
+    let _serial = exclusive();
+    let slow = "?delay=80";
+    let f = Fabric::build("ps", [[slow, ""], [slow, ""]]);
+    warm_up(&f);
+    let (tx, rx, dup) = f.ping(200, |_| {});
+    eprintln!("slow path: {tx} sent, {rx} received, {dup} duplicates");
+    assert_eq!((tx, rx, dup), (200, 200, 0));
+    for g in 0..2 {
+        let st = f.status(g);
+        let late = st["prp"]["lan_a"]["duplicates"].as_u64().unwrap();
+        assert!(late >= 150, "the slow path's copies are discarded: {st}");
+    }
+}

@@ -5,8 +5,9 @@
 //! frames wait, so the caller's event loop decides when to read. Plain non-blocking I/O rather than
 //! io_uring: a frame is one system call either way, and the event loop is already epoll.
 //!
-//! For drills a path can hurt itself on send (`?drop=PERCENT&reorder=PERCENT`): the host kernel
-//! here has no netem.
+//! For drills a path can hurt itself on send (`?drop=PERCENT&reorder=PERCENT&delay=MS`): the host
+//! kernel here has no netem. A delayed path hands its frames to a thread of its own, which sends
+//! each one MS milliseconds after it was given, in order.
 
 use std::fmt;
 use std::io;
@@ -14,6 +15,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::Sender;
+
+/// Longest `delay` a path accepts: a drill, not a store.
+pub const MAX_DELAY_MS: u64 = 60_000;
 
 /// Largest frame a path moves (jumbo frames plus a PRP trailer and a VLAN tag).
 pub const MAX_FRAME: usize = 9216 + 64;
@@ -21,7 +29,7 @@ pub const MAX_FRAME: usize = 9216 + 64;
 /// Why a path could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
-    #[error("invalid path '{spec}': {reason} (expected tap:NAME or packet:IFNAME, options ?drop=PCT&reorder=PCT)")]
+    #[error("invalid path '{spec}': {reason} (expected tap:NAME or packet:IFNAME, options ?drop=PCT&reorder=PCT&delay=MS)")]
     Spec { spec: String, reason: String },
     #[error("path {spec}: {source}")]
     Io {
@@ -38,6 +46,8 @@ pub struct Faults {
     pub drop_pct: f64,
     /// Percentage of frames held back and sent after the next one.
     pub reorder_pct: f64,
+    /// Milliseconds every frame waits before it is sent.
+    pub delay_ms: u64,
 }
 
 /// What kind of path.
@@ -67,6 +77,10 @@ impl fmt::Display for PathSpec {
         }
         if self.faults.reorder_pct > 0.0 {
             write!(f, "{sep}reorder={}", self.faults.reorder_pct)?;
+            sep = '&';
+        }
+        if self.faults.delay_ms > 0 {
+            write!(f, "{sep}delay={}", self.faults.delay_ms)?;
         }
         Ok(())
     }
@@ -96,6 +110,18 @@ impl FromStr for PathSpec {
             let (k, v) = kv
                 .split_once('=')
                 .ok_or_else(|| err("option without '='"))?;
+            if k == "delay" {
+                faults.delay_ms =
+                    v.parse()
+                        .ok()
+                        .filter(|ms| *ms <= MAX_DELAY_MS)
+                        .ok_or_else(|| {
+                            err(&format!(
+                                "delay takes milliseconds from 0 to {MAX_DELAY_MS}"
+                            ))
+                        })?;
+                continue;
+            }
             let pct: f64 = v
                 .parse()
                 .ok()
@@ -118,6 +144,8 @@ pub struct NetPath {
     io: PathIo,
     rng: AtomicU64,
     held: Mutex<Option<Vec<u8>>>,
+    /// With a `delay`: frames and when they are due, for the path's delay thread.
+    delayed: Option<Sender<(Instant, Vec<u8>)>>,
 }
 
 enum PathIo {
@@ -190,6 +218,41 @@ fn open_packet(name: &str) -> io::Result<OwnedFd> {
     Ok(owned)
 }
 
+/// Starts the thread that sends a delayed path's frames when they are due, on a descriptor of
+/// its own for the same device. It ends when the path is dropped (the channel closes).
+fn spawn_delay(io: &PathIo, ifname: &str) -> io::Result<Sender<(Instant, Vec<u8>)>> {
+    let fd = match io {
+        PathIo::Tap(d) => d.as_raw_fd(),
+        PathIo::Packet(fd) => fd.as_raw_fd(),
+    };
+    // SAFETY: dup(2) of a descriptor we own; a non-negative result is a new descriptor nobody
+    // else owns.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        return Err(errno());
+    }
+    // SAFETY: `dup` was just created and is ours alone.
+    let out = unsafe { OwnedFd::from_raw_fd(dup) };
+    let (tx, rx) = crossbeam_channel::unbounded::<(Instant, Vec<u8>)>();
+    thread::Builder::new()
+        .name(format!("delay-{ifname}"))
+        .spawn(move || {
+            for (due, frame) in rx {
+                let wait = due.saturating_duration_since(Instant::now());
+                if !wait.is_zero() {
+                    thread::sleep(wait);
+                }
+                // A TAP takes one frame per write(2), a bound packet socket likewise; the
+                // descriptor is non-blocking, so a congested device loses the frame, as a
+                // congested link would.
+                // SAFETY: `frame` is a live readable buffer of `frame.len()` bytes; `out` is
+                // our own descriptor.
+                unsafe { libc::write(out.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+            }
+        })?;
+    Ok(tx)
+}
+
 impl NetPath {
     /// Opens the path `spec`.
     pub fn open(spec: &PathSpec) -> Result<NetPath, PathError> {
@@ -214,12 +277,17 @@ impl NetPath {
                 name.clone(),
             ),
         };
+        let delayed = match spec.faults.delay_ms {
+            0 => None,
+            _ => Some(spawn_delay(&io, &ifname).map_err(wrap)?),
+        };
         Ok(NetPath {
             spec: spec.clone(),
             ifname,
             io,
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             held: Mutex::new(None),
+            delayed,
         })
     }
 
@@ -275,6 +343,18 @@ impl NetPath {
         Ok(())
     }
 
+    /// Sends a frame now, or hands it to the delay thread.
+    fn emit(&self, frame: &[u8]) -> io::Result<()> {
+        match &self.delayed {
+            None => self.raw_send(frame),
+            Some(tx) => {
+                let due = Instant::now() + Duration::from_millis(self.spec.faults.delay_ms);
+                tx.send((due, frame.to_vec()))
+                    .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "delay thread gone"))
+            }
+        }
+    }
+
     /// Sends one frame without blocking; `WouldBlock` means the path is congested.
     pub fn send(&self, frame: &[u8]) -> io::Result<()> {
         let f = self.spec.faults;
@@ -289,13 +369,13 @@ impl NetPath {
             }
             let late = held.take();
             drop(held);
-            self.raw_send(frame)?;
+            self.emit(frame)?;
             if let Some(late) = late {
-                self.raw_send(&late)?;
+                self.emit(&late)?;
             }
             return Ok(());
         }
-        self.raw_send(frame)
+        self.emit(frame)
     }
 
     /// Receives one frame without blocking.
@@ -361,9 +441,13 @@ mod tests {
             s.faults,
             Faults {
                 drop_pct: 20.0,
-                reorder_pct: 5.0
+                reorder_pct: 5.0,
+                delay_ms: 0,
             }
         );
+        let d: PathSpec = "packet:eth1?delay=40".parse().unwrap();
+        assert_eq!(d.faults.delay_ms, 40);
+        assert_eq!(d.to_string().parse::<PathSpec>().unwrap(), d);
         assert_eq!(s.to_string().parse::<PathSpec>().unwrap(), s);
         assert_eq!(
             "packet:eth1".parse::<PathSpec>().unwrap().kind,
@@ -375,6 +459,8 @@ mod tests {
             "udp:x",
             "tap:a?drop=200",
             "tap:a?jitter=1",
+            "tap:a?delay=-1",
+            "tap:a?delay=600000",
             "tap:0123456789abcdef",
         ] {
             let e = bad.parse::<PathSpec>().unwrap_err().to_string();
@@ -462,6 +548,43 @@ mod tests {
         assert!(
             (120..=280).contains(&got),
             "{got} of 400 arrived with 50% drop"
+        );
+    }
+
+    /// A delayed path sends every frame about that much later, in order.
+    #[test]
+    fn delay_faults_hold_frames_back_in_order() {
+        let name = format!("vhmd{}", std::process::id() % 100_000);
+        let tap = NetPath::open(&format!("tap:{name}?delay=150").parse().unwrap()).unwrap();
+        let pkt = NetPath::open(&format!("packet:{name}").parse().unwrap()).unwrap();
+        let mut buf = vec![0u8; MAX_FRAME];
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        while pkt.recv(&mut buf).is_ok() {}
+        let t0 = std::time::Instant::now();
+        for tag in 10..15 {
+            tap.send(&frame(tag, 80)).unwrap();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(
+            !std::iter::from_fn(|| pkt.recv(&mut buf).ok()).any(|n| n == 80),
+            "a frame came through before its delay"
+        );
+        let mut tags = Vec::new();
+        while tags.len() < 5 {
+            let n = recv_wait(&pkt, &mut buf);
+            if n == 80 && buf[12..14] == [0x88, 0xb5] {
+                tags.push(buf[20]);
+            }
+        }
+        let took = t0.elapsed();
+        assert_eq!(
+            tags,
+            vec![10, 11, 12, 13, 14],
+            "delayed frames keep their order"
+        );
+        assert!(
+            took >= std::time::Duration::from_millis(150),
+            "arrived after {took:?}"
         );
     }
 }
