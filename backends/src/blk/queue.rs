@@ -98,13 +98,19 @@ impl Poller {
                 std::hint::spin_loop();
             }
         };
-        let next = if found {
-            (window * 2).clamp(POLL_GROW_FROM_NS, self.max_ns)
-        } else {
-            window / 2
-        };
-        self.window_ns.store(next, Ordering::Relaxed);
+        self.window_ns
+            .store(next_window(window, found, self.max_ns), Ordering::Relaxed);
         found
+    }
+}
+
+/// The polling window after a poll that `found` requests or not: doubled (from at least
+/// [`POLL_GROW_FROM_NS`]) up to `max_ns`, or halved.
+fn next_window(window: u64, found: bool, max_ns: u64) -> u64 {
+    if found {
+        window.saturating_mul(2).max(POLL_GROW_FROM_NS).min(max_ns)
+    } else {
+        window / 2
     }
 }
 
@@ -376,5 +382,22 @@ impl QueueContext<'_> {
             }
         }
         Some(bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_poll_window_grows_on_hits_and_shrinks_on_misses_within_its_limit() {
+        let max = 32_000;
+        assert_eq!(next_window(32_000, false, max), 16_000);
+        assert_eq!(next_window(0, false, max), 0);
+        assert_eq!(next_window(0, true, max), POLL_GROW_FROM_NS);
+        assert_eq!(next_window(20_000, true, max), max);
+        // A limit below the growth floor (--poll-us 1) is still the limit.
+        assert_eq!(next_window(0, true, 1_000), 1_000);
+        assert_eq!(next_window(u64::MAX / 2 + 1, true, u64::MAX), u64::MAX);
     }
 }
