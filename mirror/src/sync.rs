@@ -776,26 +776,28 @@ impl Progress<'_> {
         set_resync(self.md, Some(self.status.clone()));
     }
 
-    /// Waits for a write in flight; once it has landed its chunk is current on the target.
-    /// Then keeps to `--resync-rate`.
+    /// Waits for a write in flight; once it has landed its chunk is current on the target (and
+    /// unlocked, as `w` goes).
     fn land<C: Send + 'static>(&mut self, inner: &Inner<C>, w: InFlight<'_, C>) -> InternalResult {
         inner.leg_io_wait(&w.rx)?;
         if let Some(s) = &self.synced {
             s.set(w.c);
         }
-        let done = self.status.done_bytes + w.len;
-        let elapsed = self.t0.elapsed();
-        self.status.done_bytes = done;
-        self.status.rate = (done as f64 / elapsed.as_secs_f64().max(1e-6)) as u64;
+        self.status.done_bytes += w.len;
+        let secs = self.t0.elapsed().as_secs_f64().max(1e-6);
+        self.status.rate = (self.status.done_bytes as f64 / secs) as u64;
         self.publish();
-        let rate = self.md.resync_rate.load(Ordering::SeqCst);
-        if rate > 0 {
-            let due = Duration::from_secs_f64(done as f64 / rate as f64);
-            if due > elapsed {
-                thread::sleep(due - elapsed);
-            }
-        }
         Ok(())
+    }
+
+    /// How long to wait before the next chunk to keep to `--resync-rate`.
+    fn ahead_of_rate(&self) -> Duration {
+        let rate = self.md.resync_rate.load(Ordering::SeqCst);
+        if rate == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64(self.status.done_bytes as f64 / rate as f64)
+            .saturating_sub(self.t0.elapsed())
     }
 }
 
@@ -838,10 +840,12 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             break;
         }
         let paused = md.resync_paused.load(Ordering::SeqCst);
-        // The next chunk is read (unless paused or without a source) while the previous one is
-        // still being written.
+        let wait = p.ahead_of_rate();
+        // The next chunk is read while the previous one is still being written, unless the
+        // resync is paused, ahead of its rate cap or without a source: then the write in flight
+        // lands first, so no chunk stays locked meanwhile (guest writes to it would wait as long).
         let read = match (paused, pick_source(inner, leg)) {
-            (false, Some(src)) => Some((
+            (false, Some(src)) if wait.is_zero() => Some((
                 src,
                 hold_chunk(inner, md, RESYNC_SLOTS[turn], c)
                     .map(|hold| (hold, read_chunk(inner, md, c, src, &bufs[turn]))),
@@ -856,6 +860,11 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             }
         }
         let Some((src, read)) = read else {
+            if !wait.is_zero() {
+                // In short steps, so a stop, a pause or a new rate is seen soon.
+                thread::sleep(wait.min(Duration::from_millis(50)));
+                continue;
+            }
             if paused {
                 p.status.paused = true;
                 p.publish();
