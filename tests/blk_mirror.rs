@@ -178,6 +178,72 @@ fn hung_leg_is_ejected_after_io_timeout() {
     );
 }
 
+/// Both leg servers stall together (SIGSTOP) well past the I/O timeout: a shared stall, which
+/// ejecting one leg would not cure, so both stay; the write completes once they resume and the
+/// mirror is still whole. (One stalled alone is ejected: the test above.)
+#[test]
+fn legs_stalled_together_are_both_kept() {
+    let r = Rig::plain("stallboth", &["--io-timeout", "300"]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    assert_eq!(c.write(0, &pattern(1, 4096)), 0);
+    for l in &r.legs {
+        signal(&l.child, libc::SIGSTOP);
+    }
+    c.slice(0, 4096).copy_from_slice(&pattern(2, 4096));
+    c.q.write(0, c.buf(0), 4096, 0, blkio::ReqFlags::empty());
+    // libblkio submits on do_io: submit now, without waiting for the answer.
+    assert!(c.reap(0, Duration::ZERO).is_empty());
+    std::thread::sleep(Duration::from_millis(1200));
+    let during = r.daemon.status();
+    for l in &r.legs {
+        signal(&l.child, libc::SIGCONT);
+    }
+    assert_eq!(during["legs"][0]["state"], "uptodate", "{during}");
+    assert_eq!(during["legs"][1]["state"], "uptodate", "{during}");
+    let done = c.reap(1, Duration::from_secs(10));
+    assert_eq!(
+        done,
+        vec![(0, 0)],
+        "the stalled write completes once the legs resume"
+    );
+    let st = r.daemon.status();
+    assert_eq!(st["legs"][0]["state"], "uptodate", "{st}");
+    assert_eq!(st["legs"][1]["state"], "uptodate", "{st}");
+    let log = r.daemon.log_text();
+    assert!(!log.contains("ejected"), "{log}");
+    assert!(
+        log.contains("no other up-to-date leg answers in time"),
+        "{log}"
+    );
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(2, 4096));
+}
+
+/// A superblock write stuck on a slow leg (nbdkit delay filter: 3 s per write on leg 0) does not
+/// hold up `status`: an operator asking during an incident gets an answer at once.
+#[test]
+fn status_answers_while_a_superblock_write_is_slow() {
+    let r = Rig::start(
+        "slowsb",
+        [&["delay"], &[]],
+        [&["delay-write=3"], &[]],
+        &["--io-timeout", "20000"],
+    );
+    // Leg 1 leaves: the generation bump is written to leg 0, which takes 3 s.
+    assert_eq!(
+        ctl(&r.daemon.control, r#"{"cmd":"fail-leg","leg":1}"#)["ok"],
+        true
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = std::time::Instant::now();
+    let st = r.daemon.status();
+    let took = t0.elapsed();
+    assert_eq!(st["legs"][1]["state"], "failed", "{st}");
+    assert!(
+        took < Duration::from_millis(1000),
+        "status took {took:?} while a superblock write was in flight"
+    );
+}
+
 /// With both legs gone the client gets errors, and the daemon stays up and answers.
 #[test]
 fn both_legs_dead_fails_io_but_not_the_daemon() {

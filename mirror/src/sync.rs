@@ -86,6 +86,10 @@ pub(crate) struct MetaRuntime {
     pub(crate) resync_rate: AtomicU64,
     resync: Mutex<Option<ResyncStatus>>,
     resync_running: AtomicBool,
+    /// Serialises superblock rounds, so the slot each writes (by `Meta::seq`) is the one after
+    /// the last. The meta lock itself is not held across the I/O: `status` must answer while a
+    /// superblock write waits on a slow leg.
+    sb_round: Mutex<()>,
     retry: Mutex<Vec<Retry>>,
     state_file: Option<PathBuf>,
 }
@@ -304,6 +308,7 @@ pub(crate) fn load<C: Send + 'static>(inner: &Inner<C>) -> Result<Startup, Mirro
         resync_rate: AtomicU64::new(inner.cfg.resync_rate),
         resync: Mutex::new(None),
         resync_running: AtomicBool::new(false),
+        sb_round: Mutex::new(()),
         retry: Mutex::new(
             (0..inner.legs.len())
                 .map(|_| Retry {
@@ -394,6 +399,7 @@ fn write_superblocks<C: Send + 'static>(
     mask: Mask,
     clean: bool,
 ) {
+    let _round = md.sb_round.lock().unwrap_or_else(|p| p.into_inner());
     let mut m = md.meta();
     let mut reqs = Vec::new();
     for i in legs_of(mask, inner.legs.len()) {
@@ -417,11 +423,11 @@ fn write_superblocks<C: Send + 'static>(
         };
         reqs.push((i, op, buf));
     }
-    let results = parallel_io(inner, reqs);
     let generation = m.generation;
     let views = m.view.clone();
     let uuid = m.uuid;
     drop(m);
+    let results = parallel_io(inner, reqs);
     for (i, r) in results {
         if let Err(e) = r {
             inner.eject(i, &format!("superblock write failed: {e}"));
