@@ -527,14 +527,22 @@ mod tests {
         assert!(e.to_string().contains("nosuchif0"), "{e}");
     }
 
-    #[test]
-    fn drop_faults_drop_about_that_share() {
-        let name = format!("vhmf{}", std::process::id() % 100_000);
-        let tap = NetPath::open(&format!("tap:{name}?drop=50").parse().unwrap()).unwrap();
+    /// A TAP path with `faults`, and a packet path on the same interface that sees what it
+    /// sends, drained of what the kernel sends on a fresh interface.
+    fn faulty_tap_and_watcher(prefix: &str, faults: &str) -> (NetPath, NetPath) {
+        let name = format!("{prefix}{}", std::process::id() % 100_000);
+        let tap = NetPath::open(&format!("tap:{name}?{faults}").parse().unwrap()).unwrap();
         let pkt = NetPath::open(&format!("packet:{name}").parse().unwrap()).unwrap();
         let mut buf = vec![0u8; MAX_FRAME];
         std::thread::sleep(std::time::Duration::from_millis(50));
         while pkt.recv(&mut buf).is_ok() {}
+        (tap, pkt)
+    }
+
+    #[test]
+    fn drop_faults_drop_about_that_share() {
+        let (tap, pkt) = faulty_tap_and_watcher("vhmf", "drop=50");
+        let mut buf = vec![0u8; MAX_FRAME];
         for _ in 0..400 {
             tap.send(&frame(3, 64)).unwrap();
         }
@@ -554,12 +562,8 @@ mod tests {
     /// A delayed path sends every frame about that much later, in order.
     #[test]
     fn delay_faults_hold_frames_back_in_order() {
-        let name = format!("vhmd{}", std::process::id() % 100_000);
-        let tap = NetPath::open(&format!("tap:{name}?delay=150").parse().unwrap()).unwrap();
-        let pkt = NetPath::open(&format!("packet:{name}").parse().unwrap()).unwrap();
+        let (tap, pkt) = faulty_tap_and_watcher("vhmd", "delay=150");
         let mut buf = vec![0u8; MAX_FRAME];
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        while pkt.recv(&mut buf).is_ok() {}
         let t0 = std::time::Instant::now();
         for tag in 10..15 {
             tap.send(&frame(tag, 80)).unwrap();
