@@ -80,7 +80,7 @@ fn file_legs_mirror_and_match() {
     let mut d = Daemon::start(&dir, &legs, &[]);
     let mut c = Client::connect(&d.socket, 16);
     let rep = stamped_workload(&mut c, 4096, 16, std::time::Duration::from_secs(2), |_| {});
-    assert_eq!(rep.errors, 0);
+    assert_eq!(rep.errors, 0, "{}", d.log_text());
     assert_eq!(verify_acked(&mut c, &rep.acked), 0);
     // Unaligned buffer in guest memory (the leg bounces it for O_DIRECT).
     let data = pattern(3, 4096);

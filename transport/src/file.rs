@@ -819,6 +819,13 @@ impl Engine {
             Ok(entry) => entry,
             Err(err) => return self.finish(idx, Err(err)),
         };
+        // A retry after EAGAIN goes to the kernel's worker threads, where the I/O may block
+        // instead of failing again at once (a device queue that stays full for a while).
+        let entry = if self.slots[idx].retries > 0 {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
         let ud = entry.get_user_data();
         if self.push(&entry, ud) {
             self.slots[idx].in_kernel = true;
@@ -1103,7 +1110,15 @@ impl Engine {
                 self.issue(idx)
             }
             Kind::Discard if unsupported => self.finish(idx, Err(LegError::Unsupported)),
-            _ => self.finish(idx, Err(LegError::Io(errno))),
+            _ => {
+                log::warn!(
+                    "leg {uri}: {:?} at {} failed: {}",
+                    slot.kind,
+                    slot.offset + slot.done,
+                    std::io::Error::from_raw_os_error(errno)
+                );
+                self.finish(idx, Err(LegError::Io(errno)))
+            }
         }
     }
 
