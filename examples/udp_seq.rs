@@ -4,6 +4,7 @@
 //! udp_seq send ADDR:PORT COUNT INTERVAL_MS   # datagrams 0..COUNT, one every INTERVAL_MS
 //! udp_seq recv PORT COUNT TIMEOUT_S          # counts what arrives, prints a JSON summary
 //! udp_seq tcp-recv PORT                      # one TCP connection's bytes to stdout
+//! udp_seq tcp-send ADDR:PORT                 # stdin over one TCP connection
 //! ```
 //!
 //! Each datagram carries a magic tag and its 64-bit sequence number (big-endian), padded to 64
@@ -23,7 +24,9 @@
 //! Datagrams without the tag or numbered outside 0..COUNT are ignored and counted as `foreign`.
 //! `tcp-recv` accepts one TCP connection, copies what it sends to stdout until it closes (pipe it
 //! into `sha256sum`) and prints `udp_seq: N bytes in T ms` on stderr; it never writes to the peer,
-//! so a sender such as busybox `nc` is not cut short by an early end of stream.
+//! so a sender such as busybox `nc` is not cut short by an early end of stream. `tcp-send`
+//! connects (retrying for 20 s, so the receiver may start later), sends stdin, closes, and
+//! prints the same line.
 //!
 //! Built for the guest by tests/guest_net.rs and copied into its initramfs by scripts/guest-image.
 
@@ -39,7 +42,7 @@ const LINGER: Duration = Duration::from_secs(1);
 fn usage() -> ExitCode {
     eprintln!(
         "usage: udp_seq send ADDR:PORT COUNT INTERVAL_MS\n       udp_seq recv PORT COUNT TIMEOUT_S\n       \
-         udp_seq tcp-recv PORT"
+         udp_seq tcp-recv PORT\n       udp_seq tcp-send ADDR:PORT"
     );
     ExitCode::from(2)
 }
@@ -160,6 +163,24 @@ fn tcp_recv(port: u16) -> std::io::Result<()> {
     Ok(())
 }
 
+fn tcp_send(addr: SocketAddr) -> std::io::Result<()> {
+    let t0 = Instant::now();
+    let mut c = loop {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+            Ok(c) => break c,
+            Err(_) if t0.elapsed() < Duration::from_secs(20) => {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let t1 = Instant::now();
+    let n = std::io::copy(&mut std::io::stdin().lock(), &mut c)?;
+    c.shutdown(std::net::Shutdown::Write)?;
+    eprintln!("udp_seq: {n} bytes in {} ms", t1.elapsed().as_millis());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let num = |s: &str| s.parse::<u64>().ok();
@@ -178,6 +199,10 @@ fn main() -> ExitCode {
         },
         ["tcp-recv", port] => match port.parse::<u16>() {
             Ok(p) => tcp_recv(p),
+            _ => return usage(),
+        },
+        ["tcp-send", addr] => match addr.parse::<SocketAddr>() {
+            Ok(a) => tcp_send(a),
             _ => return usage(),
         },
         _ => return usage(),

@@ -81,9 +81,48 @@ pub struct NetArgs {
           value_parser = clap::value_parser!(u64).range(10..=10_000))]
     pub probe_interval: u64,
 
+    /// Checksum and TSO offloads between the guest and the paths: auto turns them on in
+    /// active-backup over two TAP paths (PRP cannot carry them), on insists, off never.
+    #[arg(long, value_name = "WHEN", default_value = "auto")]
+    pub offload: Offload,
+
     /// JSON control socket (status, fail-path, restore-path).
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+}
+
+/// `--offload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Offload {
+    Auto,
+    On,
+    Off,
+}
+
+impl NetArgs {
+    /// Whether the paths carry virtio-net headers, or why `--offload on` cannot be had.
+    pub fn offload(&self) -> Result<bool, String> {
+        let taps = self
+            .paths
+            .iter()
+            .all(|p| matches!(p.kind, transport::net::PathKind::Tap(_)));
+        let possible = self.mode == NetMode::ActiveBackup && taps;
+        match self.offload {
+            Offload::Off => Ok(false),
+            Offload::Auto => Ok(possible),
+            Offload::On if possible => Ok(true),
+            Offload::On if self.mode != NetMode::ActiveBackup => Err(
+                "--offload on needs --mode active-backup: PRP's trailer goes after every \
+                 frame's payload, which segmentation and checksum offload would not keep"
+                    .into(),
+            ),
+            Offload::On => Err(
+                "--offload on needs two tap: paths (the kernel's TAP carries \
+                 the virtio-net header; a packet: path does not)"
+                    .into(),
+            ),
+        }
+    }
 }
 
 /// `vhost-mirror prp-gateway`.
@@ -315,6 +354,58 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, String> {
         Cli::try_parse_from(args).map_err(|e| e.to_string())
+    }
+
+    fn net(extra: &[&str]) -> NetArgs {
+        let mut v = vec!["vhost-mirror", "net", "--socket", "/tmp/s"];
+        v.extend_from_slice(extra);
+        match parse(&v).unwrap().command {
+            Command::Net(a) => a,
+            _ => panic!("not net"),
+        }
+    }
+
+    #[test]
+    fn offloads_follow_mode_and_paths() {
+        let taps = ["--path", "tap:a", "--path", "tap:b"];
+        let ab = [&taps[..], &["--mode", "active-backup"]].concat();
+        assert_eq!(
+            net(&ab).offload(),
+            Ok(true),
+            "auto: active-backup over TAPs"
+        );
+        assert_eq!(net(&taps).offload(), Ok(false), "auto: never with PRP");
+        let mixed = [
+            "--path",
+            "tap:a",
+            "--path",
+            "packet:eth1",
+            "--mode",
+            "active-backup",
+        ];
+        assert_eq!(net(&mixed).offload(), Ok(false));
+        let off = [&ab[..], &["--offload", "off"]].concat();
+        assert_eq!(net(&off).offload(), Ok(false));
+        let e = net(&[&taps[..], &["--offload", "on"]].concat())
+            .offload()
+            .unwrap_err();
+        assert!(e.contains("active-backup"), "{e}");
+        let e = net(&[&mixed[..], &["--offload", "on"]].concat())
+            .offload()
+            .unwrap_err();
+        assert!(e.contains("tap:"), "{e}");
+        let e = parse(&[
+            "vhost-mirror",
+            "net",
+            "--socket",
+            "/s",
+            "--path",
+            "tap:a",
+            "--offload",
+            "yes",
+        ])
+        .unwrap_err();
+        assert!(e.contains("--offload"), "{e}");
     }
 
     #[test]

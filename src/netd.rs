@@ -10,7 +10,7 @@ use backends::net::{self as netdev, NetStats};
 use log::{info, warn};
 use mirror::{NetConfig, NetMirror, NetMode};
 use serde_json::{json, Value};
-use transport::net::{NetPath, PathSpec, MAX_FRAME};
+use transport::net::{NetPath, PathSpec, MAX_FRAME, VNET_HDR_LEN};
 
 use crate::cli::{GatewayArgs, NetArgs};
 use crate::control::{self, Controlled, Request};
@@ -61,6 +61,7 @@ pub fn run_net(args: &NetArgs) -> Result<(), String> {
             guest_mtu: args.guest_mtu,
             probe: args.probe,
             probe_interval: Duration::from_millis(args.probe_interval),
+            offload: args.offload()?,
             ..Default::default()
         },
     )?;
@@ -136,13 +137,15 @@ pub fn run_gateway(args: &GatewayArgs) -> Result<(), String> {
     );
     let mut fds = engine.fds();
     fds.push(tap.fd());
-    let mut buf = vec![0u8; MAX_FRAME];
+    // The mirror takes and gives virtio-net packets; the gateway's TAP has no header, so
+    // frames read from it go behind a zero one.
+    let mut buf = vec![0u8; VNET_HDR_LEN + MAX_FRAME];
     loop {
         let ready = wait_readable(&fds);
         for (i, r) in ready.iter().enumerate().take(2) {
             if *r {
-                engine.poll(i, &mut |frame| {
-                    if let Err(e) = tap.send(frame) {
+                engine.poll(i, &mut |packet| {
+                    if let Err(e) = tap.send(&packet[VNET_HDR_LEN..]) {
                         warn!("tap {}: {e}", args.tap);
                     }
                 });
@@ -150,8 +153,8 @@ pub fn run_gateway(args: &GatewayArgs) -> Result<(), String> {
         }
         if ready[2] {
             loop {
-                match tap.recv(&mut buf) {
-                    Ok(n) => engine.transmit(&buf[..n]),
+                match tap.recv(&mut buf[VNET_HDR_LEN..]) {
+                    Ok(n) => engine.transmit(&buf[..VNET_HDR_LEN + n]),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(format!("tap {}: {e}", args.tap)),

@@ -882,5 +882,122 @@ fn active_backup_guest_fails_over_and_announces() {
         "no gratuitous ARP for {GUEST_IP} on path B: {text:?}\n{}",
         rig.log("net.log")
     );
+
+    offloads_pass_through(&mut rig);
     eprintln!("active-backup scenario took {:?}", t0.elapsed());
+}
+
+/// The sha256 a `sha256sum` printed first.
+fn first_word(out: &[u8]) -> String {
+    String::from_utf8_lossy(out)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// active-backup over two TAPs turns offloads on (`--offload auto`): the guest's TSO frames
+/// and partial checksums reach the TAP whole, the server's large frames reach the guest whole,
+/// and a TCP stream each way stays intact, the first one across a failover.
+fn offloads_pass_through(rig: &mut Rig) {
+    let f = rig.f.clone();
+    let s = rig.s.clone();
+    let st = rig.status();
+    assert_eq!(st["offload"], true, "{st}");
+    let before = st["paths"].clone();
+    let log = rig.log("net.log");
+    assert!(log.contains("guest takes offloads 0xf"), "{log}");
+
+    // Guest -> server, the active path (A) cut 300 ms in: failover mid-stream with TSO frames.
+    let mut server = Command::new("ip")
+        .args(["netns", "exec", &s, "sh", "-c"])
+        .arg(format!("{} tcp-recv 7010 | sha256sum", udp_seq().display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_listening(&mut server);
+    let (code, out) = rig.guest().run(
+        "dd if=/dev/urandom of=/tmp/up bs=64k count=512 2>/dev/null && sha256sum /tmp/up",
+        60,
+    );
+    assert_eq!(code, 0, "{out}");
+    let sent_sum = out.split_whitespace().next().unwrap().to_string();
+    let n = rig.guest().start(&format!("nc {SERVER_IP} 7010 < /tmp/up"));
+    let cutter = later(
+        Duration::from_millis(300),
+        format!("ip -n {f} link set vmA down && sleep 1.5 && ip -n {f} link set vmA up"),
+    );
+    let (code, out) = rig.guest().wait(n, 120);
+    cutter.join().unwrap();
+    assert_eq!(code, 0, "nc: {out}");
+    let srv = server.wait_with_output().unwrap();
+    let up_took = String::from_utf8_lossy(&srv.stderr)
+        .lines()
+        .last()
+        .unwrap_or("")
+        .to_string();
+    assert_eq!(
+        first_word(&srv.stdout),
+        sent_sum,
+        "guest -> server stream differs"
+    );
+    assert!(up_took.contains("33554432 bytes"), "{up_took}");
+
+    // Server -> guest on the path now active.
+    let blob = rig.dir.path("down.bin");
+    sh_ok(&format!(
+        "head -c 33554432 /dev/urandom > {}",
+        blob.display()
+    ));
+    let want = first_word(sh(&format!("sha256sum {}", blob.display())).as_bytes());
+    let n = rig.guest().start("udp_seq tcp-recv 7011 | sha256sum");
+    let sender = Command::new("ip")
+        .args(["netns", "exec", &s, "sh", "-c"])
+        .arg(format!(
+            "{} tcp-send {GUEST_IP}:7011 < {}",
+            udp_seq().display(),
+            blob.display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let down_took = String::from_utf8_lossy(&sender.stderr).trim().to_string();
+    assert!(sender.status.success(), "{down_took}");
+    let (code, out) = rig.guest().wait(n, 120);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&want),
+        "server -> guest stream differs: {out} (want {want})"
+    );
+
+    let st = rig.status();
+    let delta = |k: &str| -> u64 {
+        (0..2)
+            .map(|p| st["paths"][p][k].as_u64().unwrap() - before[p][k].as_u64().unwrap())
+            .sum()
+    };
+    eprintln!(
+        "offloads: guest -> server 32 MiB ({up_took}), server -> guest 32 MiB ({down_took}); \
+         TSO frames sent {}, received {}; partial checksums sent {}, received {}; paths {}",
+        delta("gso_sent"),
+        delta("gso_received"),
+        delta("csum_sent"),
+        delta("csum_received"),
+        st["paths"]
+    );
+    assert!(delta("gso_sent") > 0, "the guest sent no TSO frame: {st}");
+    assert!(delta("csum_sent") > 0, "{st}");
+    assert!(
+        delta("gso_received") > 0,
+        "no TSO frame reached the guest: {st}"
+    );
+    assert!(delta("csum_received") > 0, "{st}");
+    assert_eq!(st["failovers"], 3, "{st}");
+    assert_eq!(st["device"]["tx_malformed"], 0, "{st}");
+    assert_eq!(st["device"]["rx_too_big"], 0, "{st}");
+    for p in 0..2 {
+        assert_eq!(st["paths"][p]["oversize"], 0, "{st}");
+    }
 }

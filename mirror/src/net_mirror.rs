@@ -5,6 +5,14 @@
 //! The caller owns the event loop: it asks for the paths' descriptors, calls [`NetMirror::poll`]
 //! when one is readable and [`NetMirror::transmit`] for every outgoing frame. A monitor thread
 //! watches carrier, fails over, sends PRP supervision frames and ages duplicate-discard state.
+//!
+//! Frames go in and come out as virtio-net packets: a 12-byte `virtio_net_hdr_v1`, then the
+//! Ethernet frame. With offloads (active-backup over two TAP paths) the header travels to and
+//! from the kernel as it is, so the guest's partial checksums and TSO frames reach the TAP
+//! unsegmented and large receive frames reach the guest; otherwise the header is all zero on
+//! receipt and ignored on transmit. PRP cannot carry offloads: its trailer goes after the
+//! payload of every frame on the wire, which neither segmentation nor a checksum the kernel
+//! fills in later would keep intact.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
@@ -16,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use log::{info, warn};
 use serde::Serialize;
-use transport::net::{NetPath, PathError, PathSpec, MAX_FRAME};
+use transport::net::{NetPath, PathError, PathSpec, MAX_FRAME, MAX_GSO_FRAME, VNET_HDR_LEN};
 
 use crate::net::{Lan, PrpNode};
 
@@ -62,6 +70,9 @@ pub struct NetConfig {
     pub probe: Option<Ipv4Addr>,
     pub probe_interval: Duration,
     pub probe_misses: u32,
+    /// Carry virtio-net headers to and from the paths (checksum and segmentation offloads):
+    /// active-backup over TAP paths only.
+    pub offload: bool,
 }
 
 impl Default for NetConfig {
@@ -73,6 +84,7 @@ impl Default for NetConfig {
             probe: None,
             probe_interval: Duration::from_millis(100),
             probe_misses: 3,
+            offload: false,
         }
     }
 }
@@ -88,6 +100,37 @@ pub enum NetMirrorError {
     NoSuchPath(usize),
     #[error("cannot start thread: {0}")]
     Thread(std::io::Error),
+    #[error(
+        "offloads cannot pass through PRP (the trailer goes after every frame's payload); \
+         use active-backup, or leave offloads off"
+    )]
+    OffloadWithPrp,
+    #[error("cannot set offloads on path {path}: {source}")]
+    Offload {
+        path: usize,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// `virtio_net_hdr` flag: the receiver completes the checksum from `csum_start`.
+const VNET_F_NEEDS_CSUM: u8 = 1;
+
+/// What a virtio-net header asks of whoever handles its frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct HdrWork {
+    csum: bool,
+    gso: bool,
+}
+
+impl HdrWork {
+    fn of(hdr: &[u8]) -> HdrWork {
+        HdrWork {
+            csum: hdr.first().is_some_and(|f| f & VNET_F_NEEDS_CSUM != 0),
+            // The ECN bit (0x80) only qualifies a GSO type.
+            gso: hdr.get(1).is_some_and(|t| t & 0x7f != 0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -100,6 +143,11 @@ struct PathCounters {
     dropped_down: AtomicU64,
     oversize: AtomicU64,
     probe_answers: AtomicU64,
+    csum_sent: AtomicU64,
+    gso_sent: AtomicU64,
+    csum_received: AtomicU64,
+    gso_received: AtomicU64,
+    runts: AtomicU64,
 }
 
 struct Slot {
@@ -162,12 +210,24 @@ pub struct PathStatus {
     pub oversize: u64,
     /// Answers to ARP probes (with `--probe`).
     pub probe_answers: u64,
+    /// Frames sent with their checksum left to the kernel (offloads).
+    pub csum_sent: u64,
+    /// Segmentation-offload frames sent (one per up to 64 KiB; offloads).
+    pub gso_sent: u64,
+    /// Frames received with a partial checksum for the guest to trust (offloads).
+    pub csum_received: u64,
+    /// Segmentation-offload frames received, handed to the guest whole (offloads).
+    pub gso_received: u64,
+    /// Reads too short to be a frame, dropped.
+    pub runts: u64,
 }
 
 /// The network mirror as the control socket reports it.
 #[derive(Debug, Clone, Serialize)]
 pub struct NetStatus {
     pub mode: NetMode,
+    /// Whether virtio-net headers pass to and from the paths.
+    pub offload: bool,
     pub failovers: u64,
     pub paths: Vec<PathStatus>,
     /// PRP duplicate-discard counters (prp mode).
@@ -186,9 +246,12 @@ impl NetMirror {
         if specs.len() != 2 {
             return Err(NetMirrorError::PathCount(specs.len()));
         }
+        if cfg.offload && cfg.mode == NetMode::Prp {
+            return Err(NetMirrorError::OffloadWithPrp);
+        }
         let mut slots = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
-            let path = NetPath::open(spec)?;
+            let path = NetPath::open_with(spec, cfg.offload)?;
             let mtu = path.mtu().unwrap_or(1500) as usize;
             let need = cfg.guest_mtu as usize
                 + if cfg.mode == NetMode::Prp {
@@ -232,7 +295,7 @@ impl NetMirror {
             failovers: AtomicU64::new(0),
             prp: Mutex::new(PrpNode::new()),
             learned: Mutex::new(Learned::default()),
-            rxbuf: Mutex::new(vec![0u8; MAX_FRAME]),
+            rxbuf: Mutex::new(vec![0u8; max_packet(cfg.offload)]),
             opened: Instant::now(),
         });
         let weak = Arc::downgrade(&inner);
@@ -243,9 +306,27 @@ impl NetMirror {
         Ok(NetMirror { inner })
     }
 
-    /// Largest frame accepted from the guest (bigger ones are counted per path as oversize).
-    pub fn max_frame(&self) -> usize {
-        MAX_FRAME
+    /// Largest packet (virtio-net header and frame) taken from the guest or handed to it.
+    /// Frames a path cannot carry are counted per path as oversize.
+    pub fn max_packet(&self) -> usize {
+        max_packet(self.inner.cfg.offload)
+    }
+
+    /// Whether virtio-net headers pass to and from the paths, so the guest may be offered
+    /// checksum and segmentation offloads.
+    pub fn offload(&self) -> bool {
+        self.inner.cfg.offload
+    }
+
+    /// Lets the paths hand the guest the offloads it accepts (`TUN_F_*` flags, from the
+    /// virtio-net features it acknowledged). Without offloads only 0 is accepted.
+    pub fn set_guest_offloads(&self, tun_flags: u32) -> Result<(), NetMirrorError> {
+        for (i, s) in self.inner.slots.iter().enumerate() {
+            s.path
+                .set_offloads(tun_flags)
+                .map_err(|source| NetMirrorError::Offload { path: i, source })?;
+        }
+        Ok(())
     }
 
     /// The paths' descriptors, readable when frames wait (index = path).
@@ -253,9 +334,12 @@ impl NetMirror {
         self.inner.slots.iter().map(|s| s.path.fd()).collect()
     }
 
-    /// Sends a frame from the guest.
-    pub fn transmit(&self, frame: &[u8]) {
+    /// Sends a packet from the guest: a virtio-net header, then the frame.
+    pub fn transmit(&self, packet: &[u8]) {
         let inner = &self.inner;
+        let Some(frame) = packet.get(VNET_HDR_LEN..) else {
+            return;
+        };
         learn(&inner.learned, frame);
         match inner.cfg.mode {
             NetMode::Prp => {
@@ -263,17 +347,18 @@ impl NetMirror {
                     Ok(mut p) => p.on_send(frame),
                     Err(_) => return,
                 };
-                inner.send_on(0, &a);
-                inner.send_on(1, &b);
+                inner.send_frame(0, &a);
+                inner.send_frame(1, &b);
             }
             NetMode::ActiveBackup => {
                 let i = inner.active.load(Ordering::Relaxed);
-                inner.send_on(i, frame);
+                inner.send_packet(i, packet);
             }
         }
     }
 
-    /// Reads every frame waiting on path `path` and hands those for the guest to `deliver`.
+    /// Reads every frame waiting on path `path` and hands those for the guest to `deliver`,
+    /// each as a virtio-net packet (header, then frame).
     pub fn poll(&self, path: usize, deliver: &mut dyn FnMut(&[u8])) {
         let inner = &self.inner;
         let Some(slot) = inner.slots.get(path) else {
@@ -283,8 +368,18 @@ impl NetMirror {
             Ok(b) => b,
             Err(p) => p.into_inner(),
         };
+        let vnet = slot.path.vnet_hdr();
         loop {
-            let n = match slot.path.recv(&mut buf) {
+            // A path without headers reads behind a zero one, so every packet has the same shape.
+            let got = if vnet {
+                slot.path.recv(&mut buf)
+            } else {
+                buf[..VNET_HDR_LEN].fill(0);
+                slot.path
+                    .recv(&mut buf[VNET_HDR_LEN..])
+                    .map(|n| n + VNET_HDR_LEN)
+            };
+            let n = match got {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -294,11 +389,24 @@ impl NetMirror {
                 }
             };
             slot.c.received.fetch_add(1, Ordering::Relaxed);
+            if n < VNET_HDR_LEN + 14 {
+                slot.c.runts.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if slot.forced_down.load(Ordering::Relaxed) {
                 slot.c.dropped_down.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let frame = &buf[..n];
+            let (hdr, frame) = buf[..n].split_at(VNET_HDR_LEN);
+            if vnet {
+                let w = HdrWork::of(hdr);
+                if w.csum {
+                    slot.c.csum_received.fetch_add(1, Ordering::Relaxed);
+                }
+                if w.gso {
+                    slot.c.gso_received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             if let Some(target) = inner.cfg.probe {
                 if is_probe_answer(frame, slot.probe_mac, target) {
                     slot.c.probe_answers.fetch_add(1, Ordering::Relaxed);
@@ -316,13 +424,14 @@ impl NetMirror {
                     };
                     if let Some(f) = out {
                         slot.c.delivered.fetch_add(1, Ordering::Relaxed);
-                        deliver(f);
+                        // The stripped frame is a prefix of what was read.
+                        deliver(&buf[..VNET_HDR_LEN + f.len()]);
                     }
                 }
                 NetMode::ActiveBackup => {
                     if path == inner.active.load(Ordering::Relaxed) {
                         slot.c.delivered.fetch_add(1, Ordering::Relaxed);
-                        deliver(frame);
+                        deliver(&buf[..n]);
                     } else {
                         slot.c.dropped_inactive.fetch_add(1, Ordering::Relaxed);
                     }
@@ -363,6 +472,7 @@ impl NetMirror {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NetStatus {
             mode: inner.cfg.mode,
+            offload: inner.cfg.offload,
             failovers: g(&inner.failovers),
             prp: inner
                 .prp
@@ -395,6 +505,11 @@ impl NetMirror {
                     dropped_down: g(&s.c.dropped_down),
                     oversize: g(&s.c.oversize),
                     probe_answers: g(&s.c.probe_answers),
+                    csum_sent: g(&s.c.csum_sent),
+                    gso_sent: g(&s.c.gso_sent),
+                    csum_received: g(&s.c.csum_received),
+                    gso_received: g(&s.c.gso_received),
+                    runts: g(&s.c.runts),
                 })
                 .collect(),
         }
@@ -402,19 +517,49 @@ impl NetMirror {
 }
 
 impl Inner {
-    fn send_on(&self, i: usize, frame: &[u8]) {
+    /// Sends a frame of the mirror's own (probe, announcement, PRP frame) on path `i`.
+    fn send_frame(&self, i: usize, frame: &[u8]) {
         let Some(s) = self.slots.get(i) else { return };
+        if s.path.vnet_hdr() {
+            let mut p = vec![0u8; VNET_HDR_LEN + frame.len()];
+            p[VNET_HDR_LEN..].copy_from_slice(frame);
+            self.send_raw(s, &p, frame.len(), HdrWork::of(&p));
+        } else {
+            self.send_raw(s, frame, frame.len(), HdrWork::of(&[]));
+        }
+    }
+
+    /// Sends a guest's packet (header, then frame) on path `i`.
+    fn send_packet(&self, i: usize, packet: &[u8]) {
+        let Some(s) = self.slots.get(i) else { return };
+        let frame_len = packet.len() - VNET_HDR_LEN;
+        if s.path.vnet_hdr() {
+            let w = HdrWork::of(packet);
+            self.send_raw(s, packet, frame_len, w);
+        } else {
+            self.send_raw(s, &packet[VNET_HDR_LEN..], frame_len, HdrWork::of(&[]));
+        }
+    }
+
+    fn send_raw(&self, s: &Slot, bytes: &[u8], frame_len: usize, w: HdrWork) {
         if s.forced_down.load(Ordering::Relaxed) {
             s.c.dropped_down.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        if frame.len() > s.max_frame {
+        // A segmentation-offload frame is cut to the path's MTU by the kernel.
+        if frame_len > s.max_frame && !w.gso {
             s.c.oversize.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        match s.path.send(frame) {
+        match s.path.send(bytes) {
             Ok(()) => {
                 s.c.sent.fetch_add(1, Ordering::Relaxed);
+                if w.csum {
+                    s.c.csum_sent.fetch_add(1, Ordering::Relaxed);
+                }
+                if w.gso {
+                    s.c.gso_sent.fetch_add(1, Ordering::Relaxed);
+                }
             }
             Err(_) => {
                 s.c.send_errors.fetch_add(1, Ordering::Relaxed);
@@ -466,10 +611,10 @@ impl Inner {
         };
         let Some(mac) = learned.mac else { return };
         for ip in &learned.ipv4 {
-            self.send_on(path, &gratuitous_arp(mac, *ip));
+            self.send_frame(path, &gratuitous_arp(mac, *ip));
         }
         for ip in &learned.ipv6 {
-            self.send_on(path, &unsolicited_na(mac, *ip));
+            self.send_frame(path, &unsolicited_na(mac, *ip));
         }
         info!(
             "announced {} IPv4 and {} IPv6 addresses of {} on path {path}",
@@ -478,6 +623,11 @@ impl Inner {
             fmt_mac(mac)
         );
     }
+}
+
+/// Largest packet (header and frame) the mirror moves.
+fn max_packet(offload: bool) -> usize {
+    VNET_HDR_LEN + if offload { MAX_GSO_FRAME } else { MAX_FRAME }
 }
 
 /// A locally administered MAC for path `i`'s probes, distinct per daemon (pid) and path.
@@ -533,7 +683,7 @@ fn monitor(inner: Weak<Inner>) {
             if last_probe.elapsed() >= me.cfg.probe_interval {
                 last_probe = Instant::now();
                 for (i, s) in me.slots.iter().enumerate() {
-                    me.send_on(i, &arp_probe(s.probe_mac, target));
+                    me.send_frame(i, &arp_probe(s.probe_mac, target));
                 }
             }
         }
@@ -554,8 +704,8 @@ fn monitor(inner: Weak<Inner>) {
                 Err(_) => None,
             };
             if let Some((a, b)) = frames {
-                me.send_on(0, &a);
-                me.send_on(1, &b);
+                me.send_frame(0, &a);
+                me.send_frame(1, &b);
             }
         }
         let tick = me.cfg.monitor_interval;
@@ -739,6 +889,47 @@ mod tests {
         pseudo.extend_from_slice(&[0, 0, 0, 58]);
         pseudo.extend_from_slice(&na[54..]);
         assert_eq!(checksum(&pseudo, 0), 0);
+    }
+
+    #[test]
+    fn offloads_are_refused_with_prp_before_any_path_opens() {
+        let specs: Vec<PathSpec> = ["tap:nosuch0", "tap:nosuch1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        let cfg = NetConfig {
+            offload: true,
+            ..Default::default()
+        };
+        let e = NetMirror::open(&specs, cfg).err().unwrap();
+        assert!(matches!(e, NetMirrorError::OffloadWithPrp), "{e}");
+        assert!(e.to_string().contains("active-backup"), "{e}");
+    }
+
+    #[test]
+    fn header_work_is_read_from_flags_and_gso_type() {
+        assert_eq!(
+            HdrWork::of(&[0; 12]),
+            HdrWork {
+                csum: false,
+                gso: false
+            }
+        );
+        assert_eq!(
+            HdrWork::of(&[1, 0x81]),
+            HdrWork {
+                csum: true,
+                gso: true
+            }
+        );
+        assert!(!HdrWork::of(&[0, 0x80]).gso, "ECN alone is no GSO type");
+        assert_eq!(
+            HdrWork::of(&[]),
+            HdrWork {
+                csum: false,
+                gso: false
+            }
+        );
     }
 
     #[test]

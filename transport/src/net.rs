@@ -26,11 +26,21 @@ pub const MAX_DELAY_MS: u64 = 60_000;
 /// Largest frame a path moves (jumbo frames plus a PRP trailer and a VLAN tag).
 pub const MAX_FRAME: usize = 9216 + 64;
 
+/// Bytes of the virtio-net header (`struct virtio_net_hdr_v1`) a path with offloads puts before
+/// every frame: the kernel's TAP reads and writes the guest's header as it is.
+pub const VNET_HDR_LEN: usize = 12;
+
+/// Largest segmentation-offload frame (a 64 KiB IP packet behind an Ethernet and a VLAN header),
+/// what a path with offloads moves besides its header.
+pub const MAX_GSO_FRAME: usize = 65535 + 14 + 4;
+
 /// Why a path could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum PathError {
     #[error("invalid path '{spec}': {reason} (expected tap:NAME or packet:IFNAME, options ?drop=PCT&reorder=PCT&delay=MS)")]
     Spec { spec: String, reason: String },
+    #[error("path {spec}: offloads (a virtio-net header per frame) need a TAP path")]
+    NoOffload { spec: String },
     #[error("path {spec}: {source}")]
     Io {
         spec: String,
@@ -146,6 +156,8 @@ pub struct NetPath {
     held: Mutex<Option<Vec<u8>>>,
     /// With a `delay`: frames and when they are due, for the path's delay thread.
     delayed: Option<Sender<(Instant, Vec<u8>)>>,
+    /// Every frame read or written carries a [`VNET_HDR_LEN`]-byte virtio-net header.
+    vnet_hdr: bool,
 }
 
 enum PathIo {
@@ -253,9 +265,41 @@ fn spawn_delay(io: &PathIo, ifname: &str) -> io::Result<Sender<(Instant, Vec<u8>
     Ok(tx)
 }
 
+/// TUNSETVNETHDRSZ: the size of the header before every frame (read through a pointer).
+fn set_vnet_hdr_len(fd: RawFd, len: usize) -> io::Result<()> {
+    let value = len as libc::c_int;
+    // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer, which points at a live local
+    // for the duration of the call; `fd` is an open TAP descriptor.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &value as *const libc::c_int) };
+    if rc < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
+/// TUNSETOFFLOAD: which offloads the kernel may leave in frames it hands the TAP (the flags
+/// are the argument itself, not a pointer).
+fn set_tun_offloads(fd: RawFd, tun_flags: u32) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its flags by value and touches no memory of ours; `fd` is an
+    // open TAP descriptor.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::c_ulong::from(tun_flags)) };
+    if rc < 0 {
+        return Err(errno());
+    }
+    Ok(())
+}
+
 impl NetPath {
-    /// Opens the path `spec`.
+    /// Opens the path `spec`, frames only.
     pub fn open(spec: &PathSpec) -> Result<NetPath, PathError> {
+        Self::open_with(spec, false)
+    }
+
+    /// Opens the path `spec`; with `vnet_hdr` (TAP paths only) every frame read or written
+    /// carries a virtio-net header, so checksum and segmentation offloads pass through. The
+    /// path starts with no receive offloads: [`NetPath::set_offloads`] turns on what the
+    /// guest can take.
+    pub fn open_with(spec: &PathSpec, vnet_hdr: bool) -> Result<NetPath, PathError> {
         let wrap = |source| PathError::Io {
             spec: spec.to_string(),
             source,
@@ -266,11 +310,24 @@ impl NetPath {
                     .name(name.clone())
                     .layer(tun_rs::Layer::L2)
                     .packet_information(false)
+                    .offload(vnet_hdr)
                     .enable(true)
                     .build_sync()
                     .map_err(wrap)?;
                 dev.set_nonblocking(true).map_err(wrap)?;
+                if vnet_hdr {
+                    // tun-rs leaves the kernel's 10-byte header; the guest's v1 header has
+                    // `num_buffers` too, and with 12 the guest's TX header goes out unchanged.
+                    // tun-rs also turns on every receive offload, which the guest may not take.
+                    set_vnet_hdr_len(dev.as_raw_fd(), VNET_HDR_LEN).map_err(wrap)?;
+                    set_tun_offloads(dev.as_raw_fd(), 0).map_err(wrap)?;
+                }
                 (PathIo::Tap(dev), name.clone())
+            }
+            PathKind::Packet(_) if vnet_hdr => {
+                return Err(PathError::NoOffload {
+                    spec: spec.to_string(),
+                })
             }
             PathKind::Packet(name) => (
                 PathIo::Packet(open_packet(name).map_err(wrap)?),
@@ -288,7 +345,26 @@ impl NetPath {
             rng: AtomicU64::new(0x9e37_79b9_7f4a_7c15),
             held: Mutex::new(None),
             delayed,
+            vnet_hdr,
         })
+    }
+
+    /// Whether frames on this path carry a virtio-net header.
+    pub fn vnet_hdr(&self) -> bool {
+        self.vnet_hdr
+    }
+
+    /// Which offloads the kernel may use in frames it hands to this path (`TUN_F_*` flags:
+    /// partial checksums, TSO, ...): exactly what the receiver of those frames accepts.
+    pub fn set_offloads(&self, tun_flags: u32) -> io::Result<()> {
+        match &self.io {
+            PathIo::Tap(d) if self.vnet_hdr => set_tun_offloads(d.as_raw_fd(), tun_flags),
+            _ if tun_flags == 0 => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "offloads need a TAP path opened with a virtio-net header",
+            )),
+        }
     }
 
     /// The spec the path was opened from.
@@ -537,6 +613,101 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(50));
         while pkt.recv(&mut buf).is_ok() {}
         (tap, pkt)
+    }
+
+    /// A TCP/IPv4 frame of `payload` bytes (checksums left out: only the shape matters here).
+    fn tcp4_frame(payload: usize) -> Vec<u8> {
+        let mut f = frame(9, 14 + 20 + 20 + payload);
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let ip = &mut f[14..34];
+        ip.fill(0);
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&((40 + payload) as u16).to_be_bytes());
+        ip[8] = 64;
+        ip[9] = 6;
+        ip[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        ip[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let tcp = &mut f[34..54];
+        tcp.fill(0);
+        tcp[12] = 5 << 4;
+        tcp[13] = 0x18;
+        f
+    }
+
+    /// A TAP path with offloads reads and writes a 12-byte virtio-net header before each
+    /// frame, takes a guest's TSO frame whole, and receive offloads can be switched; a packet
+    /// path refuses both.
+    #[test]
+    fn offload_tap_carries_virtio_net_headers() {
+        let name = format!("vhmo{}", std::process::id() % 100_000);
+        let spec: PathSpec = format!("tap:{name}").parse().unwrap();
+        let tap = NetPath::open_with(&spec, true).expect("TAP (needs root)");
+        assert!(tap.vnet_hdr());
+        let pkt = NetPath::open(&format!("packet:{name}").parse().unwrap()).unwrap();
+        let mut buf = vec![0u8; VNET_HDR_LEN + MAX_GSO_FRAME];
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        while pkt.recv(&mut buf).is_ok() {}
+        while tap.recv(&mut buf).is_ok() {}
+
+        // A plain frame behind a zero header goes out as the frame alone.
+        let mut p = vec![0u8; VNET_HDR_LEN];
+        p.extend(frame(4, 200));
+        tap.send(&p).unwrap();
+        let n = loop {
+            let n = recv_wait(&pkt, &mut buf);
+            if buf[12..14] == [0x88, 0xb5] {
+                break n;
+            }
+        };
+        assert_eq!(&buf[..n], &frame(4, 200)[..]);
+
+        // A TSO frame (3 segments of 1000 bytes, checksum left to the kernel) is accepted as
+        // one write and enters the interface whole.
+        let mut gso = vec![0u8; VNET_HDR_LEN];
+        gso[0] = 1; // NEEDS_CSUM
+        gso[1] = 1; // TCPV4
+        gso[2..4].copy_from_slice(&54u16.to_le_bytes());
+        gso[4..6].copy_from_slice(&1000u16.to_le_bytes());
+        gso[6..8].copy_from_slice(&34u16.to_le_bytes());
+        gso[8..10].copy_from_slice(&16u16.to_le_bytes());
+        gso.extend(tcp4_frame(3000));
+        tap.send(&gso).unwrap();
+        let n = loop {
+            let n = recv_wait(&pkt, &mut buf);
+            if buf[12..14] == [0x08, 0x00] {
+                break n;
+            }
+        };
+        assert_eq!(n, 3054, "the TSO frame arrived whole");
+        // The TAP refuses a header that lies about the frame.
+        let mut bad = gso.clone();
+        bad[6..8].copy_from_slice(&60_000u16.to_le_bytes());
+        assert!(tap.send(&bad).is_err(), "checksum start beyond the frame");
+
+        // What the interface sends reaches the TAP reader behind a header.
+        pkt.send(&frame(5, 300)).unwrap();
+        let n = loop {
+            let n = recv_wait(&tap, &mut buf);
+            if buf[VNET_HDR_LEN + 12..VNET_HDR_LEN + 14] == [0x88, 0xb5] {
+                break n;
+            }
+        };
+        assert_eq!(&buf[VNET_HDR_LEN..n], &frame(5, 300)[..]);
+        assert_eq!(
+            &buf[..2],
+            &[0, 0],
+            "no offload flags without offloads turned on"
+        );
+
+        tap.set_offloads(libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6)
+            .unwrap();
+        tap.set_offloads(0).unwrap();
+        assert!(pkt.set_offloads(libc::TUN_F_CSUM).is_err());
+        pkt.set_offloads(0).unwrap();
+        let e = NetPath::open_with(&format!("packet:{name}").parse().unwrap(), true)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("need a TAP"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! vhost-user-net device over a [`NetMirror`]: one RX/TX queue pair, virtio_net_hdr v1,
-//! MRG_RXBUF, EVENT_IDX.
+//! MRG_RXBUF, EVENT_IDX, and checksum/TSO offloads when the mirror's paths carry virtio-net
+//! headers (active-backup over TAP paths).
 //!
 //! Module split as for the block device: [`tx`] turns TX chains into frames, [`rx`] puts frames
 //! into RX chains, and this file is the device. One worker thread serves both queues and the
@@ -11,6 +12,8 @@
 
 pub mod rx;
 mod shim;
+#[cfg(test)]
+mod tests;
 pub mod tx;
 
 use std::collections::VecDeque;
@@ -28,7 +31,11 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -116,23 +123,56 @@ pub struct VhostUserNet {
 }
 
 struct Work {
-    frame: Vec<u8>,
+    packet: Vec<u8>,
     pending: VecDeque<Vec<u8>>,
+}
+
+/// Offloads offered when the paths carry virtio-net headers: the guest's partial checksums and
+/// TSO frames go to the TAP as they are (the kernel finishes or segments them), and the TAP
+/// may hand the guest the same kinds of frame where the guest accepts them.
+const OFFLOAD_FEATURES: u64 = 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_ECN
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_ECN;
+
+/// The TAP receive offloads (`TUN_F_*`) matching what the guest acknowledged it takes, as
+/// QEMU's TAP backend sets them.
+pub fn tun_offloads(features: u64) -> u32 {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        // Without checksum offload the kernel would refuse segmentation offloads anyway.
+        return 0;
+    }
+    let mut f = libc::TUN_F_CSUM;
+    if has(VIRTIO_NET_F_GUEST_TSO4) {
+        f |= libc::TUN_F_TSO4;
+    }
+    if has(VIRTIO_NET_F_GUEST_TSO6) {
+        f |= libc::TUN_F_TSO6;
+    }
+    if has(VIRTIO_NET_F_GUEST_ECN) {
+        f |= libc::TUN_F_TSO_ECN;
+    }
+    f
 }
 
 impl VhostUserNet {
     /// A device switching frames through `engine`.
     pub fn new(engine: NetMirror, stats: Arc<NetStats>) -> Self {
         VhostUserNet {
-            engine,
             stats,
             event_idx: AtomicBool::new(false),
             mergeable: AtomicBool::new(false),
             mem: RwLock::new(None),
             work: Mutex::new(Work {
-                frame: Vec::with_capacity(transport::net::MAX_FRAME),
+                packet: Vec::with_capacity(engine.max_packet()),
                 pending: VecDeque::new(),
             }),
+            engine,
         }
     }
 
@@ -152,10 +192,10 @@ impl VhostUserNet {
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            match tx::read_frame(chain, mem, self.engine.max_frame(), &mut work.frame) {
+            match tx::read_packet(chain, mem, self.engine.max_packet(), &mut work.packet) {
                 Ok(()) => {
                     self.stats.c.tx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.engine.transmit(&work.frame);
+                    self.engine.transmit(&work.packet);
                 }
                 Err(e) => {
                     if self.stats.c.tx_malformed.fetch_add(1, Ordering::Relaxed) < 10 {
@@ -173,23 +213,23 @@ impl VhostUserNet {
         }
     }
 
-    /// Puts `frame` into the guest's RX queue, or keeps it for later; returns whether the queue
-    /// ran out of buffers.
+    /// Puts `packet` into the guest's RX queue, or keeps it for later; returns whether the
+    /// queue ran out of buffers.
     fn deliver(
         &self,
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
-        frame: &[u8],
+        packet: &[u8],
         work: &mut Work,
     ) -> bool {
         if !work.pending.is_empty() {
-            self.keep(frame, work);
+            self.keep(packet, work);
             return true;
         }
-        match self.write_one(vring, mem, frame) {
+        match self.write_one(vring, mem, packet) {
             Ok(()) => false,
             Err(rx::RxError::NoBuffers) => {
-                self.keep(frame, work);
+                self.keep(packet, work);
                 true
             }
             Err(rx::RxError::TooBig) => {
@@ -199,9 +239,9 @@ impl VhostUserNet {
         }
     }
 
-    fn keep(&self, frame: &[u8], work: &mut Work) {
+    fn keep(&self, packet: &[u8], work: &mut Work) {
         if work.pending.len() < PENDING_MAX {
-            work.pending.push_back(frame.to_vec());
+            work.pending.push_back(packet.to_vec());
         } else {
             self.stats
                 .c
@@ -214,17 +254,17 @@ impl VhostUserNet {
         &self,
         vring: &VringRwLock,
         mem: &GuestMemoryMmap,
-        frame: &[u8],
+        packet: &[u8],
     ) -> Result<(), rx::RxError> {
         let mut used = rx::Used::new();
         let mut bad = 0;
         let res = {
             let mut g = vring.get_mut();
             let q = g.get_queue_mut();
-            let r = rx::write_frame(
+            let r = rx::write_packet(
                 q,
                 mem,
-                frame,
+                packet,
                 self.mergeable.load(Ordering::Relaxed),
                 &mut used,
                 &mut bad,
@@ -293,11 +333,17 @@ impl VhostUserBackend for VhostUserNet {
     /// offered so that the VMM's `host_mtu` reaches the guest (QEMU masks the feature off unless
     /// the backend has it): one remedy for the PRP trailer's 6 bytes.
     fn features(&self) -> u64 {
+        let offloads = if self.engine.offload() {
+            OFFLOAD_FEATURES
+        } else {
+            0
+        };
         1 << VIRTIO_F_VERSION_1
             | 1 << VIRTIO_RING_F_INDIRECT_DESC
             | 1 << VIRTIO_RING_F_EVENT_IDX
             | 1 << VIRTIO_NET_F_MRG_RXBUF
             | 1 << VIRTIO_NET_F_MTU
+            | offloads
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -306,6 +352,16 @@ impl VhostUserBackend for VhostUserNet {
             features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0,
             Ordering::Relaxed,
         );
+        if self.engine.offload() {
+            let tun = tun_offloads(features);
+            match self.engine.set_guest_offloads(tun) {
+                Ok(()) => info!("guest takes offloads {tun:#x} (TUN_F_*)"),
+                Err(e) => {
+                    warn!("{e}: the guest gets no receive offloads");
+                    let _ = self.engine.set_guest_offloads(0);
+                }
+            }
+        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {

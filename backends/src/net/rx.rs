@@ -7,6 +7,9 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::tx::NET_HDR_LEN;
 
+/// Where `num_buffers` sits in the header.
+const NUM_BUFFERS: std::ops::Range<usize> = NET_HDR_LEN - 2..NET_HDR_LEN;
+
 /// Why a frame could not be delivered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RxError {
@@ -19,23 +22,23 @@ pub enum RxError {
 /// Used entries of one delivered frame: (head, bytes written).
 pub type Used = SmallVec<[(u16, u32); 4]>;
 
-/// Writes `frame` into the queue's available RX chains. On failure every chain taken is put
-/// back, so no buffer is lost. Chains with device-readable descriptors (a driver bug) are
-/// returned empty and skipped; they count in `bad_chains`.
-pub fn write_frame(
+/// Writes `packet` (a virtio-net header, then the frame) into the queue's available RX chains,
+/// with the header's `num_buffers` set to the number of chains used. On failure every chain
+/// taken is put back, so no buffer is lost. Chains with device-readable descriptors (a driver
+/// bug) are returned empty and skipped; they count in `bad_chains`.
+pub fn write_packet(
     queue: &mut Queue,
     mem: &GuestMemoryMmap,
-    frame: &[u8],
+    packet: &[u8],
     mergeable: bool,
     used: &mut Used,
     bad_chains: &mut u64,
 ) -> Result<(), RxError> {
-    let total = NET_HDR_LEN + frame.len();
-    let mut hdr = [0u8; NET_HDR_LEN];
+    let total = packet.len();
     let mut written = 0usize;
     let mut popped = 0u16;
-    // Where the header's bytes landed, to patch num_buffers once it is known.
-    let mut hdr_at: SmallVec<[(usize, GuestAddress, usize); 2]> = SmallVec::new();
+    // Where `num_buffers` landed, to patch it once it is known (a header may be split).
+    let mut nb_at: SmallVec<[(usize, GuestAddress); 2]> = SmallVec::new();
     let start = used.len();
     while written < total {
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
@@ -65,30 +68,17 @@ pub fn write_frame(
                 break;
             }
             let n = (d.len() as usize).min(total - written);
-            let mut off = 0;
-            while off < n {
-                let pos = written + off;
-                let (src, len) = if pos < NET_HDR_LEN {
-                    hdr_at.push((
-                        pos,
-                        d.addr().unchecked_add(off as u64),
-                        (NET_HDR_LEN - pos).min(n - off),
-                    ));
-                    (&hdr[pos..], (NET_HDR_LEN - pos).min(n - off))
-                } else {
-                    (&frame[pos - NET_HDR_LEN..], n - off)
-                };
-                if mem
-                    .write_slice(&src[..len], d.addr().unchecked_add(off as u64))
-                    .is_err()
-                {
-                    bad = true;
-                    break;
-                }
-                off += len;
-            }
-            if bad {
+            if mem
+                .write_slice(&packet[written..written + n], d.addr())
+                .is_err()
+            {
+                bad = true;
                 break;
+            }
+            for pos in NUM_BUFFERS.clone() {
+                if (written..written + n).contains(&pos) {
+                    nb_at.push((pos, d.addr().unchecked_add((pos - written) as u64)));
+                }
             }
             written += n;
             in_chain += n;
@@ -96,17 +86,17 @@ pub fn write_frame(
         if bad {
             *bad_chains += 1;
             used.push((head, 0));
-            // A returned-empty chain takes no part in the frame.
+            // A returned-empty chain takes no part in the packet.
             written -= in_chain;
-            hdr_at.retain(|(pos, _, _)| *pos < written);
+            nb_at.retain(|(pos, _)| *pos < written);
             continue;
         }
         used.push((head, in_chain as u32));
     }
     let buffers = used[start..].iter().filter(|(_, n)| *n > 0).count() as u16;
-    hdr[10..12].copy_from_slice(&buffers.to_le_bytes());
-    for (pos, addr, len) in hdr_at {
-        let _ = mem.write_slice(&hdr[pos..pos + len], addr);
+    let nb = buffers.to_le_bytes();
+    for (pos, addr) in nb_at {
+        let _ = mem.write_slice(&nb[pos - NUM_BUFFERS.start..][..1], addr);
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Guest → paths: each TX chain is a virtio-net header and one frame.
 
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryMmap};
 
 /// `struct virtio_net_hdr_v1` (VERSION_1 always carries `num_buffers`).
 pub const NET_HDR_LEN: usize = 12;
@@ -21,16 +21,15 @@ pub enum TxError {
     Memory,
 }
 
-/// Copies the frame out of a TX chain into `frame` (header stripped). Offloads are not offered,
-/// so the header carries nothing the paths need.
-pub fn read_frame(
+/// Copies a TX chain (virtio-net header, then the frame) into `packet`. The header stays: with
+/// offloads it tells the path which checksum to fill in and how to segment.
+pub fn read_packet(
     descs: impl IntoIterator<Item = Descriptor>,
     mem: &GuestMemoryMmap,
-    max_frame: usize,
-    frame: &mut Vec<u8>,
+    max_packet: usize,
+    packet: &mut Vec<u8>,
 ) -> Result<(), TxError> {
-    frame.clear();
-    let mut skip = NET_HDR_LEN;
+    packet.clear();
     let mut total = 0usize;
     for d in descs {
         if d.is_write_only() {
@@ -38,18 +37,18 @@ pub fn read_frame(
         }
         let len = d.len() as usize;
         total += len;
-        if total > max_frame + NET_HDR_LEN {
-            return Err(TxError::TooLong(total - NET_HDR_LEN, max_frame));
+        if total > max_packet {
+            return Err(TxError::TooLong(
+                total - NET_HDR_LEN,
+                max_packet - NET_HDR_LEN,
+            ));
         }
-        let s = skip.min(len);
-        skip -= s;
-        let take = len - s;
-        if take == 0 {
+        if len == 0 {
             continue;
         }
-        let at = frame.len();
-        frame.resize(at + take, 0);
-        mem.read_slice(&mut frame[at..], d.addr().unchecked_add(s as u64))
+        let at = packet.len();
+        packet.resize(at + len, 0);
+        mem.read_slice(&mut packet[at..], d.addr())
             .map_err(|_| TxError::Memory)?;
     }
     if total < NET_HDR_LEN + MIN_FRAME {
