@@ -298,6 +298,60 @@ fn leg_lost_mid_resync_comes_back_and_is_resynced() {
     assert_eq!(stale, 0, "blocks stale on the twice-resynced leg");
 }
 
+/// Three legs; the one a resync reads from is lost with reads in flight. The copy carries on
+/// from the other current leg (the chunks whose read failed are copied again, none is skipped),
+/// and the resynced leg ends up holding every acknowledged write on its own.
+#[test]
+fn resync_source_lost_mid_copy_carries_on_from_another_leg() {
+    let _serial = exclusive();
+    let dir = TempDir::new("srclost");
+    let mut legs = Vec::new();
+    for i in 0..3 {
+        let img = dir.path(&format!("leg{i}.img"));
+        image(&img, DISK);
+        // Leg 0, the source (the first current leg), answers reads 300 ms late, so the
+        // resync's reads are still in flight when it goes.
+        let (filters, params): (&[&str], &[&str]) = if i == 0 {
+            (&["delay"], &["delay-read=300ms"])
+        } else {
+            (&[], &[])
+        };
+        legs.push(Nbdkit::start(
+            &dir.path(&format!("nbd{i}.sock")),
+            &img,
+            filters,
+            params,
+        ));
+    }
+    let uris: Vec<String> = legs.iter().map(|l| l.uri()).collect();
+    create(&uris, &["--assume-clean"]);
+    let daemon = Daemon::start(&dir, &uris, &[]);
+    let mut c = Client::connect(&daemon.socket, 4);
+    write_pattern(&mut c, 1);
+    legs[2].kill();
+    daemon.wait_leg(2, "failed", Duration::from_secs(5));
+    write_pattern(&mut c, 2);
+    legs[2].restart();
+    daemon.wait_leg(2, "resyncing", Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(100));
+    legs[0].kill();
+    daemon.wait_leg(0, "failed", Duration::from_secs(5));
+    daemon.wait_leg(2, "uptodate", Duration::from_secs(30));
+    let log = daemon.log_text();
+    assert!(
+        log.contains("copied again from another leg"),
+        "no read was in flight when the source went: {log}"
+    );
+    // Leg 2 alone must hold pattern 2.
+    legs[1].kill();
+    daemon.wait_leg(1, "failed", Duration::from_secs(5));
+    let stale = count_not(&mut c, 2);
+    assert_eq!(
+        stale, 0,
+        "blocks stale on the leg resynced from two sources\n{log}"
+    );
+}
+
 /// The last current leg dies while the other is still resyncing: chunks already copied read
 /// fine, the rest fail with an I/O error rather than stale data.
 #[test]

@@ -227,9 +227,11 @@ impl<T: Send + Sync + ?Sized> KeepAlive for T {}
 type Handler<C> = Box<dyn Fn(C, IoStatus) + Send + Sync>;
 pub(crate) type Mask = u8;
 
-/// Chunks that can be under copy at once: resync keeps two (one read from the source while the
-/// previous one is written to the target), repair one of its own.
-pub(crate) const COPY_SLOTS: usize = 3;
+/// Chunks a resync keeps in flight (read from the source, then written to the target).
+pub(crate) const RESYNC_WINDOW: usize = 4;
+
+/// Chunks that can be under copy at once: the resync's window, and one for repair.
+pub(crate) const COPY_SLOTS: usize = RESYNC_WINDOW + 1;
 
 pub(crate) fn bit(leg: usize) -> Mask {
     1 << leg

@@ -23,7 +23,7 @@ use serde::Serialize;
 use transport::{Buffers, CompletionSink, LegError, LegOp, LegSpec, OpenOptions, Tag};
 
 use crate::bitmap::{AtomicBits, ChunkMap};
-use crate::block::{bit, Inner, InternalResult, LegState, Mask, MirrorError};
+use crate::block::{bit, Inner, InternalResult, LegState, Mask, MirrorError, RESYNC_WINDOW};
 use crate::meta::{
     self, assemble, Layout, MetaError, PeerRecord, PeerState, Superblock, ALIGN, SB_SIZE,
 };
@@ -655,9 +655,8 @@ fn chunk_len(md: &MetaRuntime, c: u64) -> u64 {
         .min(md.layout.data_size.saturating_sub(off))
 }
 
-/// Slots of `Inner::copying` the resync takes turns with, and the one repair uses.
-const RESYNC_SLOTS: [usize; 2] = [0, 1];
-const REPAIR_SLOT: usize = 2;
+/// The slot of `Inner::copying` repair uses; the resync has the ones below it.
+const REPAIR_SLOT: usize = RESYNC_WINDOW;
 
 /// Guest writes to this chunk were still in flight long after it was locked.
 struct Busy;
@@ -695,6 +694,21 @@ fn hold_chunk<'a, C: Send + 'static>(
     Ok(hold)
 }
 
+/// Starts reading chunk `c` of leg `src` into `buf`.
+fn start_read_chunk<C: Send + 'static>(
+    inner: &Inner<C>,
+    md: &MetaRuntime,
+    c: u64,
+    src: usize,
+    buf: &Arc<IoBuf>,
+) -> Receiver<InternalResult> {
+    let op = LegOp::Read {
+        offset: c * md.layout.chunk_size,
+        bufs: buf.bufs(chunk_len(md, c) as usize),
+    };
+    inner.leg_io_start(src, op, buf.clone())
+}
+
 /// Reads chunk `c` of leg `src` into `buf`; returns its length.
 fn read_chunk<C: Send + 'static>(
     inner: &Inner<C>,
@@ -703,12 +717,19 @@ fn read_chunk<C: Send + 'static>(
     src: usize,
     buf: &Arc<IoBuf>,
 ) -> Result<u64, LegError> {
-    let len = chunk_len(md, c);
-    let op = LegOp::Read {
-        offset: c * md.layout.chunk_size,
-        bufs: buf.bufs(len as usize),
-    };
-    inner.leg_io(src, op, buf.clone()).map(|()| len)
+    let rx = start_read_chunk(inner, md, c, src, buf);
+    inner.leg_io_wait(&rx).map(|()| chunk_len(md, c))
+}
+
+/// The outcome of a request sent with `Inner::leg_io_start`, if it has arrived.
+fn io_done(rx: &Receiver<InternalResult>) -> Option<InternalResult> {
+    match rx.try_recv() {
+        Ok(r) => Some(r),
+        Err(crossbeam_channel::TryRecvError::Empty) => None,
+        Err(crossbeam_channel::TryRecvError::Disconnected) => Some(Err(LegError::Lost(
+            "request dropped without an answer".into(),
+        ))),
+    }
 }
 
 /// Starts writing the first `len` bytes of `buf` as chunk `c` of leg `dst`.
@@ -750,10 +771,20 @@ fn copy_chunk<C: Send + 'static>(
     Ok(len)
 }
 
-/// A resync write in flight; its chunk stays locked until it has landed.
-struct InFlight<'a, C: Send + 'static> {
+/// Where one chunk of a resync is.
+enum Step {
+    /// Being read from the source leg.
+    Reading { src: usize },
+    /// Being written to the target; `len` bytes.
+    Writing { len: u64 },
+}
+
+/// One chunk of a resync in flight, in slot (and buffer) `slot`; the chunk stays locked until
+/// its write has landed.
+struct Copy<'a, C: Send + 'static> {
     c: u64,
-    len: u64,
+    slot: usize,
+    step: Step,
     rx: Receiver<InternalResult>,
     _hold: Hold<'a, C>,
 }
@@ -782,33 +813,81 @@ impl Progress<'_> {
         set_resync(self.md, Some(self.status.clone()));
     }
 
-    /// Waits for a write in flight; once it has landed its chunk is current on the target (and
-    /// unlocked, as `w` goes).
-    fn land<C: Send + 'static>(&mut self, inner: &Inner<C>, w: InFlight<'_, C>) -> InternalResult {
-        inner.leg_io_wait(&w.rx)?;
+    /// Chunk `c` (`len` bytes) has landed on the target: it is current there.
+    fn landed(&mut self, c: u64, len: u64) {
         if let Some(s) = &self.synced {
-            s.set(w.c);
+            s.set(c);
         }
-        self.status.done_bytes += w.len;
+        self.status.done_bytes += len;
         let secs = self.t0.elapsed().as_secs_f64().max(1e-6);
         self.status.rate = (self.status.done_bytes as f64 / secs) as u64;
         self.publish();
-        Ok(())
     }
 
-    /// How long to wait before the next chunk to keep to `--resync-rate`.
-    fn ahead_of_rate(&self) -> Duration {
+    /// How long to wait before starting another chunk to keep to `--resync-rate`, counting the
+    /// `in_flight` bytes already started.
+    fn ahead_of_rate(&self, in_flight: u64) -> Duration {
         let rate = self.md.resync_rate.load(Ordering::SeqCst);
         if rate == 0 {
             return Duration::ZERO;
         }
-        Duration::from_secs_f64(self.status.done_bytes as f64 / rate as f64)
+        Duration::from_secs_f64((self.status.done_bytes + in_flight) as f64 / rate as f64)
             .saturating_sub(self.t0.elapsed())
     }
 }
 
-/// Copies `dirty` to `leg`, then marks it up to date. The write of one chunk to the target
-/// overlaps the read of the next from the source.
+/// What became of a copy whose step had an outcome.
+enum Advanced<'a, C: Send + 'static> {
+    /// Read: now being written.
+    Writing(Copy<'a, C>),
+    /// Written: current on the target.
+    Landed,
+    /// The source failed (and was ejected): chunk `0` must be copied again.
+    Retry(u64),
+    /// The target failed: the resync cannot go on.
+    TargetFailed(LegError),
+}
+
+/// Moves copy `w` on once its current step has `outcome`.
+fn advance<'a, C: Send + 'static>(
+    inner: &'a Inner<C>,
+    md: &MetaRuntime,
+    leg: usize,
+    bufs: &mut [Arc<IoBuf>],
+    p: &mut Progress<'_>,
+    mut w: Copy<'a, C>,
+    outcome: InternalResult,
+) -> Advanced<'a, C> {
+    match (&w.step, outcome) {
+        (Step::Reading { .. }, Ok(())) => {
+            let len = chunk_len(md, w.c);
+            w.rx = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot]);
+            w.step = Step::Writing { len };
+            Advanced::Writing(w)
+        }
+        (Step::Reading { src }, Err(e)) => {
+            // A late answer could still land in this buffer: the slot gets a fresh one.
+            bufs[w.slot] = IoBuf::new(md.layout.chunk_size as usize);
+            warn!(
+                "resync of leg {leg}: chunk {} could not be read from leg {src} ({e}); it is \
+                 copied again from another leg",
+                w.c
+            );
+            inner.eject(*src, &format!("resync read failed: {e}"));
+            Advanced::Retry(w.c)
+        }
+        (Step::Writing { len }, Ok(())) => {
+            p.landed(w.c, *len);
+            Advanced::Landed
+        }
+        (Step::Writing { .. }, Err(e)) => Advanced::TargetFailed(e),
+    }
+}
+
+/// Copies `dirty` to `leg`, then marks it up to date. Up to [`RESYNC_WINDOW`] chunks are in
+/// flight, each read from the source and then written to the target under its chunk lock, so
+/// reads and writes overlap and the copy runs at the legs' bandwidth rather than at one
+/// chunk's round trip.
 fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>, total: u64) {
     let Some(md) = inner.md() else { return };
     if md.resync_running.swap(true, Ordering::SeqCst) {
@@ -818,11 +897,12 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         }
     }
     let l = &inner.legs[leg];
-    let bufs = [
-        IoBuf::new(md.layout.chunk_size as usize),
-        IoBuf::new(md.layout.chunk_size as usize),
-    ];
-    let mut turn = 0;
+    let chunk = md.layout.chunk_size;
+    let mut bufs: Vec<Arc<IoBuf>> = (0..RESYNC_WINDOW)
+        .map(|_| IoBuf::new(chunk as usize))
+        .collect();
+    let mut free: Vec<usize> = (0..RESYNC_WINDOW).rev().collect();
+    let mut window: std::collections::VecDeque<Copy<C>> = std::collections::VecDeque::new();
     let mut p = Progress {
         md,
         synced: l.synced.read().ok().and_then(|s| s.clone()),
@@ -836,36 +916,56 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         },
     };
     p.publish();
-    let mut in_flight: Option<InFlight<C>> = None;
     let mut k = 0;
+    // Chunks whose read failed, to copy again from another source.
+    let mut retry: Vec<u64> = Vec::new();
     let mut finished = true;
-    while k < dirty.len() {
-        let c = dirty[k];
+    loop {
         if inner.stopping.load(Ordering::SeqCst) || l.state() != LegState::Resyncing {
             finished = false;
             break;
         }
+        // Start chunks while the window has room, unless paused, ahead of the rate cap or
+        // without a source: then the copies in flight land first, and no chunk stays locked
+        // meanwhile (guest writes to it would wait as long).
         let paused = md.resync_paused.load(Ordering::SeqCst);
-        let wait = p.ahead_of_rate();
-        // The next chunk is read while the previous one is still being written, unless the
-        // resync is paused, ahead of its rate cap or without a source: then the write in flight
-        // lands first, so no chunk stays locked meanwhile (guest writes to it would wait as long).
-        let read = match (paused, pick_source(inner, leg)) {
-            (false, Some(src)) if wait.is_zero() => Some((
-                src,
-                hold_chunk(inner, md, RESYNC_SLOTS[turn], c)
-                    .map(|hold| (hold, read_chunk(inner, md, c, src, &bufs[turn]))),
-            )),
-            _ => None,
-        };
-        if let Some(w) = in_flight.take() {
-            if let Err(e) = p.land(inner, w) {
-                inner.eject(leg, &format!("resync write failed: {e}"));
-                finished = false;
+        let mut wait = Duration::ZERO;
+        let mut no_source = false;
+        while (k < dirty.len() || !retry.is_empty()) && !paused {
+            let Some(&slot) = free.last() else { break };
+            wait = p.ahead_of_rate(window.len() as u64 * chunk);
+            if !wait.is_zero() {
                 break;
             }
+            let Some(src) = pick_source(inner, leg) else {
+                no_source = true;
+                break;
+            };
+            let c = retry.last().copied().unwrap_or(dirty[k]);
+            match hold_chunk(inner, md, slot, c) {
+                Ok(hold) => {
+                    free.pop();
+                    if retry.pop().is_none() {
+                        k += 1;
+                    }
+                    window.push_back(Copy {
+                        c,
+                        slot,
+                        step: Step::Reading { src },
+                        rx: start_read_chunk(inner, md, c, src, &bufs[slot]),
+                        _hold: hold,
+                    });
+                }
+                Err(Busy) => {
+                    warn!("chunk {c} stayed busy; trying again");
+                    break;
+                }
+            }
         }
-        let Some((src, read)) = read else {
+        if window.is_empty() {
+            if k >= dirty.len() && retry.is_empty() {
+                break;
+            }
             if !wait.is_zero() {
                 // In short steps, so a stop, a pause or a new rate is seen soon.
                 thread::sleep(wait.min(Duration::from_millis(50)));
@@ -877,32 +977,73 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
                 thread::sleep(Duration::from_millis(50));
                 continue;
             }
-            warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
+            if no_source {
+                warn!("leg {leg}: no up-to-date leg left to resync from; chunks not yet copied stay unreadable on it");
+                finished = false;
+                break;
+            }
+            continue;
+        }
+        p.status.paused = false;
+        // Every copy whose step is done moves on without waiting, so the writes of reads that
+        // finished together go out together; then the oldest copy is waited for.
+        let mut failed = None;
+        for _ in 0..window.len() {
+            let Some(w) = window.pop_front() else { break };
+            let outcome = if failed.is_none() {
+                io_done(&w.rx)
+            } else {
+                None
+            };
+            let Some(outcome) = outcome else {
+                window.push_back(w);
+                continue;
+            };
+            let slot = w.slot;
+            match advance(inner, md, leg, &mut bufs, &mut p, w, outcome) {
+                Advanced::Writing(w) => window.push_back(w),
+                Advanced::Landed => free.push(slot),
+                Advanced::Retry(c) => {
+                    retry.push(c);
+                    free.push(slot);
+                }
+                Advanced::TargetFailed(e) => failed = Some(e),
+            }
+        }
+        if failed.is_none() {
+            if let Some(w) = window.pop_front() {
+                let slot = w.slot;
+                let outcome = inner.leg_io_wait(&w.rx);
+                match advance(inner, md, leg, &mut bufs, &mut p, w, outcome) {
+                    // Back at the front: it is the oldest copy still.
+                    Advanced::Writing(w) => window.push_front(w),
+                    Advanced::Landed => free.push(slot),
+                    Advanced::Retry(c) => {
+                        retry.push(c);
+                        free.push(slot);
+                    }
+                    Advanced::TargetFailed(e) => failed = Some(e),
+                }
+            }
+        }
+        if let Some(e) = failed {
+            inner.eject(leg, &format!("resync write failed: {e}"));
             finished = false;
             break;
-        };
-        p.status.paused = false;
-        match read {
-            Ok((hold, Ok(len))) => {
-                in_flight = Some(InFlight {
-                    c,
-                    len,
-                    rx: start_write_chunk(inner, md, c, len, leg, &bufs[turn]),
-                    _hold: hold,
-                });
-                turn = 1 - turn;
-                k += 1;
-            }
-            Ok((_hold, Err(e))) => inner.eject(src, &format!("resync read failed: {e}")),
-            Err(Busy) => warn!("chunk {c} stayed busy; trying again"),
         }
     }
-    if let Some(w) = in_flight.take() {
-        if let Err(e) = p.land(inner, w) {
-            if finished {
-                inner.eject(leg, &format!("resync write failed: {e}"));
+    // Writes still in flight land (or fail) before their chunks are unlocked.
+    for w in window.drain(..) {
+        if let Step::Writing { len } = w.step {
+            match inner.leg_io_wait(&w.rx) {
+                Ok(()) => p.landed(w.c, len),
+                Err(e) => {
+                    if finished {
+                        inner.eject(leg, &format!("resync write failed: {e}"));
+                    }
+                    finished = false;
+                }
             }
-            finished = false;
         }
     }
     let (done, t0) = (p.status.done_bytes, p.t0);
