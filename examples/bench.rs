@@ -1126,7 +1126,8 @@ fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
 
 fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], title: &str, place: &str) -> String {
     println!("\n== {title} ==");
-    let legs: Vec<String> = imgs
+    // The mirror gets the first two images; the third is qsd's single file.
+    let legs: Vec<String> = imgs[..2]
         .iter()
         .map(|p| format!("file:{}", p.display()))
         .collect();
