@@ -320,6 +320,34 @@ impl Rig {
         }
     }
 
+    /// `udp_seq tcp-recv PORT | sha256sum` in the server namespace, listening when this returns.
+    fn tcp_sink(&self, port: u16) -> Child {
+        let mut c = Command::new("ip")
+            .args(["netns", "exec", &self.s, "sh", "-c"])
+            .arg(format!(
+                "{} tcp-recv {port} | sha256sum",
+                udp_seq().display()
+            ))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_listening(&mut c);
+        c
+    }
+
+    /// 32 MiB of random bytes at `path` in the guest; their sha256.
+    fn guest_blob(&mut self, path: &str) -> String {
+        let (code, out) = self.guest().run(
+            &format!(
+                "dd if=/dev/urandom of={path} bs=64k count=512 2>/dev/null && sha256sum {path}"
+            ),
+            60,
+        );
+        assert_eq!(code, 0, "{out}");
+        out.split_whitespace().next().unwrap().to_string()
+    }
+
     /// `udp_seq recv` in the server namespace.
     fn udp_receiver(&self, port: u16, count: u32, timeout_s: u32) -> Child {
         let mut c = Command::new("ip")
@@ -586,21 +614,8 @@ fn prp_guest_loses_nothing_when_a_fabric_is_cut() {
     assert_eq!(sum["duplicates"], 0, "{sum}");
 
     // 3. TCP: 32 MiB of random bytes, sha256 on both ends; bridge B goes down mid-transfer.
-    let s = rig.s.clone();
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &s, "sh", "-c"])
-        .arg(format!("{} tcp-recv 7002 | sha256sum", udp_seq().display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_listening(&mut server);
-    let (code, out) = rig.guest().run(
-        "dd if=/dev/urandom of=/tmp/blob bs=64k count=512 2>/dev/null && sha256sum /tmp/blob",
-        60,
-    );
-    assert_eq!(code, 0, "{out}");
-    let sent_sum = out.split_whitespace().next().unwrap().to_string();
+    let server = rig.tcp_sink(7002);
+    let sent_sum = rig.guest_blob("/tmp/blob");
     let t = Instant::now();
     let n = rig
         .guest()
@@ -909,20 +924,8 @@ fn offloads_pass_through(rig: &mut Rig) {
     assert!(log.contains("guest takes offloads 0xf"), "{log}");
 
     // Guest -> server, the active path (A) cut 300 ms in: failover mid-stream with TSO frames.
-    let mut server = Command::new("ip")
-        .args(["netns", "exec", &s, "sh", "-c"])
-        .arg(format!("{} tcp-recv 7010 | sha256sum", udp_seq().display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    wait_listening(&mut server);
-    let (code, out) = rig.guest().run(
-        "dd if=/dev/urandom of=/tmp/up bs=64k count=512 2>/dev/null && sha256sum /tmp/up",
-        60,
-    );
-    assert_eq!(code, 0, "{out}");
-    let sent_sum = out.split_whitespace().next().unwrap().to_string();
+    let server = rig.tcp_sink(7010);
+    let sent_sum = rig.guest_blob("/tmp/up");
     let n = rig.guest().start(&format!("nc {SERVER_IP} 7010 < /tmp/up"));
     let cutter = later(
         Duration::from_millis(300),

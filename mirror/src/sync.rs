@@ -848,6 +848,25 @@ enum Advanced<'a, C: Send + 'static> {
     TargetFailed(LegError),
 }
 
+/// Books what became of the copy in `slot`: its slot is freed once it has landed or must be
+/// retried (the chunk queued in `retry`). Returns the copy if it is still in flight, and the
+/// target's error if it failed.
+fn settle<'a, C: Send + 'static>(
+    a: Advanced<'a, C>,
+    slot: usize,
+    free: &mut Vec<usize>,
+    retry: &mut Vec<u64>,
+) -> Result<Option<Copy<'a, C>>, LegError> {
+    match a {
+        Advanced::Writing(w) => return Ok(Some(w)),
+        Advanced::Landed => {}
+        Advanced::Retry(c) => retry.push(c),
+        Advanced::TargetFailed(e) => return Err(e),
+    }
+    free.push(slot);
+    Ok(None)
+}
+
 /// Moves copy `w` on once its current step has `outcome`.
 fn advance<'a, C: Send + 'static>(
     inner: &'a Inner<C>,
@@ -1000,29 +1019,23 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
                 continue;
             };
             let slot = w.slot;
-            match advance(inner, md, leg, &mut bufs, &mut p, w, outcome) {
-                Advanced::Writing(w) => window.push_back(w),
-                Advanced::Landed => free.push(slot),
-                Advanced::Retry(c) => {
-                    retry.push(c);
-                    free.push(slot);
-                }
-                Advanced::TargetFailed(e) => failed = Some(e),
+            let a = advance(inner, md, leg, &mut bufs, &mut p, w, outcome);
+            match settle(a, slot, &mut free, &mut retry) {
+                Ok(Some(w)) => window.push_back(w),
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
             }
         }
         if failed.is_none() {
             if let Some(w) = window.pop_front() {
                 let slot = w.slot;
                 let outcome = inner.leg_io_wait(&w.rx);
-                match advance(inner, md, leg, &mut bufs, &mut p, w, outcome) {
+                let a = advance(inner, md, leg, &mut bufs, &mut p, w, outcome);
+                match settle(a, slot, &mut free, &mut retry) {
                     // Back at the front: it is the oldest copy still.
-                    Advanced::Writing(w) => window.push_front(w),
-                    Advanced::Landed => free.push(slot),
-                    Advanced::Retry(c) => {
-                        retry.push(c);
-                        free.push(slot);
-                    }
-                    Advanced::TargetFailed(e) => failed = Some(e),
+                    Ok(Some(w)) => window.push_front(w),
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
                 }
             }
         }
