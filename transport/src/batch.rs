@@ -8,6 +8,10 @@
 //!
 //! Everything is per thread, so a batch never delays another thread's completions, and a batch
 //! ends before its thread goes back to sleep.
+//!
+//! Submissions use the same mark: an NBD leg sends the commands submitted inside a batch together
+//! when it ends (one `sendmsg` per leg for a whole pass over a queue). So nothing inside a batch
+//! may wait for the outcome of a request it submitted: that request has not left yet.
 
 use std::cell::{Cell, RefCell};
 

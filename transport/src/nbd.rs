@@ -3,31 +3,40 @@
 //! The connection is negotiated with the fixed-newstyle handshake (`NBD_OPT_GO`, falling back to
 //! `NBD_OPT_EXPORT_NAME`) and then carries pipelined requests with simple replies only.
 //!
-//! Two threads serve one connection:
+//! Commands reach the socket in one of two ways, and two threads serve the connection:
 //!
-//! * the **sender** takes requests from a channel, so `submit` never waits for the socket, and
-//!   writes everything queued with vectored, non-blocking `sendmsg` calls whose iovecs point
-//!   straight at the caller's write buffers;
+//! * **inline**: when nobody else is writing to the socket, the thread that submitted the
+//!   request writes it itself with a non-blocking, vectored `sendmsg` whose iovecs point straight
+//!   at the caller's write buffers. Inside a [`crate::batch`] (a device's pass over its queue)
+//!   the commands of the whole pass wait for its end and leave in one call. This saves the
+//!   hand-off to the sender thread, a wake-up of a sleeping thread per request, which is most of
+//!   the difference at queue depth 1. What does not fit into the socket is handed to the sender
+//!   (the "carry"), so `submit` never waits for the socket;
+//! * the **sender** takes the commands submitted while the socket was busy, and the carry, from
+//!   a channel and writes them the same way, waiting for socket space when it must;
 //! * the **reader** blocks in `recv` for reply headers, reads read payloads straight into the
 //!   caller's buffers and completes requests. It is also the only thread that fails the
 //!   outstanding requests once the leg is dead.
 //!
 //! All bookkeeping lives in one mutex ([`State`]): the in-flight map from NBD handle to request,
-//! the dead flag and the sender's progress. The invariants that make completion exactly-once and
-//! buffer access safe are:
+//! the commands not yet handed to a writer, the dead flag and the writers' progress. The
+//! invariants that make completion exactly-once and buffer access safe are:
 //!
-//! 1. A request is inserted into the in-flight map, and queued to the sender, under the lock and
-//!    only while the leg is alive. So once the dead flag is set no entry can appear any more, and
-//!    the channel order equals the handle order.
+//! 1. A request is inserted into the in-flight map, and its command appended to `pending`, under
+//!    the lock and only while the leg is alive. So once the dead flag is set no entry can appear
+//!    any more. Commands leave `pending` in handle order, all at once and under the lock, either
+//!    to the channel or to one inline writer, and an inline writer starts only when the channel,
+//!    the sender and the carry are empty; so commands reach the socket in handle order.
 //! 2. An entry is completed only by whoever removed it from the map: the reader on a reply, or
 //!    the reader's final drain after the leg died. Nobody else removes entries.
 //! 3. The reader removes a read's entry before filling its buffers and completes it only after
 //!    the payload arrived (or the connection failed), so a completed read's buffers are never
 //!    written again.
-//! 4. The sender touches write buffers only between `begin_send` and `end_send` (the `sending`
-//!    flag) and never starts a batch once the leg is dead. A write is completed only after the
-//!    sender has published that it is completely sent, or after the leg died and the sender left
-//!    its batch; so a completed write's buffers are never read again.
+//! 4. Writers touch write buffers only while they have announced it under the lock (`sending`
+//!    for the sender thread, `inline` for a submitter) and never start once the leg is dead. A
+//!    write is completed only after a writer has published that it is completely sent, or after
+//!    the leg died and no writer is left in the socket; so a completed write's buffers are never
+//!    read again. Only one writer is in the socket at a time.
 //!
 //! ## Giving up on a connection
 //!
@@ -47,6 +56,7 @@
 //! executes nothing it received on it any more.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -161,7 +171,8 @@ struct Shared {
     /// Mirrors `state.dead.is_none()` for lock-free `is_alive` and the sender's quick checks.
     alive: AtomicBool,
     state: Mutex<State>,
-    /// Signalled when `sent_upto`, `sending`, `dead`, `sender_exited` or `quiet` change.
+    /// Signalled when `sent_upto`, `sending`, `inline`, `dead`, `sender_exited` or `quiet`
+    /// change.
     cv: Condvar,
 }
 
@@ -178,6 +189,14 @@ struct State {
     sent_upto: u64,
     /// The sender is inside a batch and may be reading write buffers.
     sending: bool,
+    /// A submitting thread is writing commands to the socket itself (see the module docs).
+    inline: bool,
+    /// Commands registered in the map and not yet given to a writer, in handle order.
+    pending: Vec<Msg>,
+    /// Messages put into the channel that the sender has not finished with.
+    queued: usize,
+    /// What an inline writer could not send at once; the sender sends it before anything else.
+    carry: Option<Carry>,
     sender_exited: bool,
     /// The reader is gone: the server closed the connection (or it broke, or the linger after a
     /// drop ran out), and every request was completed.
@@ -213,8 +232,16 @@ enum Msg {
         /// The write payload; empty for other commands.
         payload: Buffers,
     },
+    /// There is a carry to send.
+    Carry,
     /// Finish what was queued before, then exit.
     Stop,
+}
+
+/// Commands an inline writer left to the sender: `skip` bytes of them are on the wire.
+struct Carry {
+    msgs: Vec<Msg>,
+    skip: usize,
 }
 
 /// What a validated request turns into on the wire.
@@ -308,6 +335,10 @@ impl NbdLeg {
                 groups: HashMap::new(),
                 sent_upto: 1,
                 sending: false,
+                inline: false,
+                pending: Vec::with_capacity(MAX_BATCH),
+                queued: 0,
+                carry: None,
                 sender_exited: false,
                 quiet: false,
                 linger_until: None,
@@ -474,6 +505,8 @@ impl NbdLeg {
         if pieces == 1 {
             let len = p.len as u32; // <= piece_max, which fits in u32
             sh.queue_locked(&mut st, tag, p.cmd, p.flags, p.offset, len, group, p.bufs);
+            drop(st);
+            schedule_flush(&self.shared);
             return;
         }
         let mut cursor = BufCursor::default();
@@ -497,8 +530,10 @@ impl NbdLeg {
             );
             done += len;
         }
-        // If the sender vanished halfway, the pieces queued so far are in the map and the group
-        // too, so the reader's drain completes the request exactly once.
+        drop(st);
+        schedule_flush(&self.shared);
+        // If the leg died halfway, the pieces queued so far are in the map and the group too, so
+        // the reader's drain completes the request exactly once.
     }
 }
 
@@ -570,15 +605,12 @@ impl Drop for NbdLeg {
                 let handle = st.next_handle;
                 st.next_handle += 1;
                 let header = request_header(0, proto::CMD_DISC, handle, 0, 0);
-                let ok = sh
-                    .tx
-                    .send(Msg::Req {
-                        handle,
-                        header,
-                        payload: Buffers::new(),
-                    })
-                    .is_ok();
-                ok && sh.tx.send(Msg::Stop).is_ok()
+                let disc = Msg::Req {
+                    handle,
+                    header,
+                    payload: Buffers::new(),
+                };
+                sh.send_locked(&mut st, disc) && sh.send_locked(&mut st, Msg::Stop)
             } else {
                 false
             }
@@ -658,7 +690,10 @@ impl Shared {
             self.shut_write();
         }
         self.kick();
+        // Nothing waiting for a writer will be sent any more; the entries stay for the drain.
+        st.pending.clear();
         // The sender may be idle in the channel; this gets it out. If it already left, fine.
+        st.queued += 1;
         let _ = self.tx.send(Msg::Stop);
         self.cv.notify_all();
         err
@@ -688,8 +723,20 @@ impl Shared {
         poll_woken(self.fd.as_raw_fd(), libc::POLLIN, &self.wake, ms).map(|_| ())
     }
 
-    /// Inserts one command into the in-flight map and queues it, with the state locked so
-    /// handles reach the sender in order.
+    /// Puts `msg` into the sender's channel. False (and the leg dead) if the sender is gone.
+    fn send_locked(&self, st: &mut State, msg: Msg) -> bool {
+        st.queued += 1;
+        if self.tx.send(msg).is_err() {
+            // Whatever it was, the entries stay in the map; the reader's drain completes them.
+            self.die_locked(st, LegError::Lost("sender thread has exited".into()));
+            return false;
+        }
+        true
+    }
+
+    /// Inserts one command into the in-flight map and appends it to `pending`, with the state
+    /// locked so handles reach the socket in order. The caller then calls [`schedule_flush`] or
+    /// [`Shared::flush_pending`].
     #[allow(clippy::too_many_arguments)]
     fn queue_locked(
         &self,
@@ -719,15 +766,55 @@ impl Shared {
             },
         );
         let header = request_header(flags, cmd, handle, offset, len);
-        let msg = Msg::Req {
+        st.pending.push(Msg::Req {
             handle,
             header,
             payload,
-        };
-        if self.tx.send(msg).is_err() {
-            // The entry stays in the map; the reader's drain completes it.
-            self.die_locked(st, LegError::Lost("sender thread has exited".into()));
+        });
+    }
+
+    /// Gives the pending commands to a writer: this thread, when nobody else is writing to the
+    /// socket and no command handed to the sender is unsent (module invariant 1), else the
+    /// sender. Never waits for the socket.
+    fn flush_pending(&self) {
+        let mut st = self.lock();
+        if st.pending.is_empty() || st.dead.is_some() {
+            return;
         }
+        let msgs = std::mem::take(&mut st.pending);
+        if st.sending || st.inline || st.queued > 0 || st.carry.is_some() {
+            for m in msgs {
+                if !self.send_locked(&mut st, m) {
+                    return;
+                }
+            }
+            return;
+        }
+        st.inline = true;
+        drop(st);
+        let res = INLINE_SCRATCH.with(|scratch| {
+            let Scratch { iov, ends } = &mut *scratch.borrow_mut();
+            let res = send_batch(self, &msgs, 0, iov, ends, Wait::Never);
+            // The iovecs point into `msgs` and the callers' buffers; forget them before anyone
+            // may complete those requests.
+            iov.clear();
+            res
+        });
+        let mut st = self.lock();
+        st.inline = false;
+        match res {
+            Ok(()) => {}
+            Err(SendStop::Handoff(skip)) => {
+                st.carry = Some(Carry { msgs, skip });
+                self.send_locked(&mut st, Msg::Carry);
+            }
+            Err(SendStop::Failed(e)) => {
+                self.die_locked(&mut st, LegError::Lost(describe_send_error(&e)));
+            }
+            // Only a sender that may wait for the socket stops this way.
+            Err(SendStop::Dead(_)) => {}
+        }
+        self.cv.notify_all();
     }
 
     /// Takes the entry for a reply's handle out of the map; from now on only the reader owns it.
@@ -746,7 +833,7 @@ impl Shared {
             if st.sent_upto > handle {
                 return true;
             }
-            if st.dead.is_some() && !st.sending {
+            if st.dead.is_some() && !st.sending && !st.inline {
                 return false;
             }
             st = self.wait(st);
@@ -782,8 +869,10 @@ impl Shared {
                 None => {
                     // The flush goes out only now that the server acknowledged the write: it
                     // only covers writes completed before it was received.
-                    let st = &mut *st;
-                    self.queue_locked(st, g.tag, proto::CMD_FLUSH, 0, 0, 0, 0, Buffers::new());
+                    let st_ref = &mut *st;
+                    self.queue_locked(st_ref, g.tag, proto::CMD_FLUSH, 0, 0, 0, 0, Buffers::new());
+                    drop(st);
+                    self.flush_pending();
                     return;
                 }
             },
@@ -801,9 +890,9 @@ impl Shared {
             Some(e) => e,
             None => self.die_locked(&mut st, LegError::Lost("reader stopped".into())),
         };
-        // The sender may still be inside sendmsg on some write's buffers; those requests may
-        // only be failed once it let go.
-        while st.sending {
+        // A writer may still be inside sendmsg on some write's buffers; those requests may only
+        // be failed once it let go.
+        while st.sending || st.inline {
             st = self.wait(st);
         }
         let inflight = std::mem::take(&mut st.inflight);
@@ -819,19 +908,28 @@ impl Shared {
         }
     }
 
-    /// The sender is about to read write buffers. False: the leg is dead, drop the batch.
-    fn begin_send(&self) -> bool {
+    /// The sender is about to read write buffers, once no inline writer is in the socket. The
+    /// carry, if any, goes first. None: the leg is dead and nothing is cut short, drop the batch.
+    /// With a carry on a dead leg the batch stops before its first `sendmsg` and the command
+    /// the carry cut short is completed with zeros.
+    fn begin_send(&self) -> Option<Option<Carry>> {
         let mut st = self.lock();
-        if st.dead.is_some() {
-            return false;
+        while st.inline {
+            st = self.wait(st);
+        }
+        let carry = st.carry.take();
+        if st.dead.is_some() && carry.is_none() {
+            return None;
         }
         st.sending = true;
-        true
+        Some(carry)
     }
 
-    fn end_send(&self) {
+    /// The sender is out of the socket; it took `taken` messages from the channel.
+    fn end_send(&self, taken: usize) {
         let mut st = self.lock();
         st.sending = false;
+        st.queued = st.queued.saturating_sub(taken);
         self.cv.notify_all();
     }
 
@@ -867,17 +965,33 @@ struct SenderExit<'a>(&'a Shared);
 
 impl Drop for SenderExit<'_> {
     fn drop(&mut self) {
-        let mut st = self.0.lock();
+        let sh = self.0;
+        let mut st = sh.lock();
         if thread::panicking() {
             // Queued requests would never leave; the reader's drain fails them.
-            self.0
-                .die_locked(&mut st, LegError::Lost("sender thread panicked".into()));
+            sh.die_locked(&mut st, LegError::Lost("sender thread panicked".into()));
         }
         st.sending = false;
+        // An inline writer may still be in the socket, and may leave a carry behind.
+        while st.inline {
+            st = sh.wait(st);
+        }
+        if let Some(carry) = st.carry.take() {
+            drop(st);
+            if let Some(partial) = partial_at(&carry.msgs, carry.skip) {
+                if let Err(why) = finish_partial(sh, sh.fd.as_raw_fd(), partial) {
+                    log::warn!(
+                        "NBD leg {}: could not complete the request cut short ({why}); the server sees a truncated request",
+                        sh.uri
+                    );
+                }
+            }
+            st = sh.lock();
+        }
         st.sender_exited = true;
         // Every command left whole (or the connection is broken): the server may see the end.
-        self.0.shut_write();
-        self.0.cv.notify_all();
+        sh.shut_write();
+        sh.cv.notify_all();
     }
 }
 
@@ -896,34 +1010,85 @@ impl Drop for ReaderExit<'_> {
     }
 }
 
+thread_local! {
+    /// Legs with commands pending until this thread's batch ends.
+    static TO_FLUSH: RefCell<Vec<Arc<Shared>>> = const { RefCell::new(Vec::new()) };
+    /// Scratch vectors of this thread's inline writes.
+    static INLINE_SCRATCH: RefCell<Scratch> = const {
+        RefCell::new(Scratch {
+            iov: Vec::new(),
+            ends: Vec::new(),
+        })
+    };
+}
+
+/// A writer's iovecs, and where each command of its batch ends (handle, byte count).
+struct Scratch {
+    iov: Vec<libc::iovec>,
+    ends: Vec<(u64, usize)>,
+}
+
+/// Flushes the leg's pending commands at the end of this thread's batch (so a device's pass over
+/// its queue sends each leg's share in one `sendmsg`), or now outside a batch.
+fn schedule_flush(shared: &Arc<Shared>) {
+    if !crate::batch::active() {
+        shared.flush_pending();
+        return;
+    }
+    TO_FLUSH.with(|l| {
+        let mut l = l.borrow_mut();
+        if !l.iter().any(|s| Arc::ptr_eq(s, shared)) {
+            l.push(Arc::clone(shared));
+        }
+    });
+    crate::batch::at_end(flush_batch);
+}
+
+fn flush_batch() {
+    let legs = TO_FLUSH.with(|l| std::mem::take(&mut *l.borrow_mut()));
+    for sh in legs {
+        sh.flush_pending();
+    }
+}
+
 fn sender_main(shared: Arc<Shared>, rx: Receiver<Msg>) {
     let _exit = SenderExit(&shared);
-    let fd = shared.fd.as_raw_fd();
     let mut batch: Vec<Msg> = Vec::with_capacity(MAX_BATCH);
     let mut iov: Vec<libc::iovec> = Vec::with_capacity(MAX_BATCH * 2);
     let mut ends: Vec<(u64, usize)> = Vec::with_capacity(MAX_BATCH);
     loop {
         let mut stop = false;
+        let mut taken = 0usize;
         match rx.recv() {
             Ok(Msg::Stop) | Err(_) => stop = true,
             Ok(m) => batch.push(m),
         }
+        taken += 1;
         while !stop && batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(Msg::Stop) => stop = true,
                 Ok(m) => batch.push(m),
                 Err(_) => break,
             }
+            taken += 1;
         }
         if !batch.is_empty() {
-            if !shared.begin_send() {
+            let Some(carry) = shared.begin_send() else {
                 return;
+            };
+            let mut skip = 0;
+            if let Some(c) = carry {
+                // The carry's commands precede everything in the channel (module invariant 1).
+                let mut msgs = c.msgs;
+                msgs.append(&mut batch);
+                batch = msgs;
+                skip = c.skip;
             }
-            let res = send_batch(&shared, fd, &batch, &mut iov, &mut ends);
+            let res = send_batch(&shared, &batch, skip, &mut iov, &mut ends, Wait::Poll);
             // The iovecs point into the batch and the caller's buffers; forget them before
             // anyone may complete those requests.
             iov.clear();
-            shared.end_send();
+            shared.end_send(taken);
             batch.clear();
             match res {
                 Ok(()) => {}
@@ -932,7 +1097,7 @@ fn sender_main(shared: Arc<Shared>, rx: Receiver<Msg>) {
                     return;
                 }
                 Err(SendStop::Dead(Some(partial))) => {
-                    if let Err(why) = finish_partial(&shared, fd, partial) {
+                    if let Err(why) = finish_partial(&shared, shared.fd.as_raw_fd(), partial) {
                         log::warn!(
                             "NBD leg {}: could not complete the request cut short by the abort ({why}); the server sees a truncated request",
                             shared.uri
@@ -941,6 +1106,8 @@ fn sender_main(shared: Arc<Shared>, rx: Receiver<Msg>) {
                     return;
                 }
                 Err(SendStop::Dead(None)) => return,
+                // A waiting sender does not hand off.
+                Err(SendStop::Handoff(_)) => return,
             }
         }
         if stop {
@@ -949,15 +1116,54 @@ fn sender_main(shared: Arc<Shared>, rx: Receiver<Msg>) {
     }
 }
 
-/// Writes every message of `batch`, publishing progress as commands leave completely so the
-/// reader can complete writes before the whole batch is out.
+/// Whether a writer may wait for socket space.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// The sender thread: wait, and finish or cut short the batch.
+    Poll,
+    /// An inline writer: hand what is left to the sender instead.
+    Never,
+}
+
+/// Bytes of a command on the wire: its header and its payload.
+fn wire_len(m: &Msg) -> usize {
+    match m {
+        Msg::Req { payload, .. } => proto::REQUEST_LEN + payload.total_len(),
+        _ => 0,
+    }
+}
+
+/// The command of `msgs` that the first `sent` of their bytes end in the middle of, if any.
+fn partial_at(msgs: &[Msg], sent: usize) -> Option<Partial> {
+    let mut begin = 0usize;
+    for m in msgs {
+        let len = wire_len(m);
+        if let Msg::Req { header, .. } = m {
+            if sent > begin && sent < begin + len {
+                return Some(Partial {
+                    header: *header,
+                    done: sent - begin,
+                    len,
+                });
+            }
+        }
+        begin += len;
+    }
+    None
+}
+
+/// Writes every message of `batch` but the first `skip` bytes (sent before), publishing
+/// progress as commands leave completely so the reader can complete writes before the whole
+/// batch is out.
 fn send_batch(
     shared: &Shared,
-    fd: RawFd,
     batch: &[Msg],
+    skip: usize,
     iov: &mut Vec<libc::iovec>,
     ends: &mut Vec<(u64, usize)>,
+    wait: Wait,
 ) -> Result<(), SendStop> {
+    let fd = shared.fd.as_raw_fd();
     iov.clear();
     ends.clear();
     let mut total = 0usize;
@@ -982,28 +1188,15 @@ fn send_batch(
         ends.push((*handle, total));
     }
     let mut start = 0usize;
-    let mut sent = 0usize;
-    let mut next = 0usize;
-    // The command under way when the leg died, if part of it is on the wire already.
-    let partial = |sent: usize, next: usize| -> Option<Partial> {
-        let begin = if next == 0 { 0 } else { ends[next - 1].1 };
-        let end = ends.get(next)?.1;
-        if sent <= begin {
-            return None;
-        }
-        let header = batch.iter().find_map(|m| match m {
-            Msg::Req { handle, header, .. } if *handle == ends[next].0 => Some(*header),
-            _ => None,
-        })?;
-        Some(Partial {
-            header,
-            done: sent - begin,
-            len: end - begin,
-        })
-    };
+    let mut sent = skip.min(total);
+    advance(iov, &mut start, sent);
+    let mut next = ends.iter().take_while(|e| e.1 <= sent).count();
     while start < iov.len() {
         if !shared.alive.load(Ordering::Acquire) {
-            return Err(SendStop::Dead(partial(sent, next)));
+            return Err(match wait {
+                Wait::Poll => SendStop::Dead(partial_at(batch, sent)),
+                Wait::Never => SendStop::Handoff(sent),
+            });
         }
         let cnt = (iov.len() - start).min(IOV_MAX);
         // SAFETY: all-zero is a valid msghdr (null name and control, no flags).
@@ -1013,17 +1206,20 @@ fn send_batch(
         // Non-blocking, so a full socket returns what fitted and the progress can be published
         // while waiting for space; MSG_NOSIGNAL, so a vanished peer is an error, not SIGPIPE.
         // SAFETY: the iovecs describe our own headers (alive in `batch`) and write payloads the
-        // submitter keeps valid for reads until completion, which cannot happen before
-        // `end_send` (module invariant 4); `mh` points at `cnt` of them.
+        // submitter keeps valid for reads until completion, which cannot happen while this
+        // writer is announced (module invariant 4); `mh` points at `cnt` of them.
         let n = unsafe { libc::sendmsg(fd, &mh, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
         if n < 0 {
             let e = io::Error::last_os_error();
             match e.kind() {
                 io::ErrorKind::Interrupted => continue,
+                io::ErrorKind::WouldBlock if wait == Wait::Never => {
+                    return Err(SendStop::Handoff(sent));
+                }
                 io::ErrorKind::WouldBlock => {
                     if let Err(e) = wait_writable(shared, fd) {
                         if !shared.alive.load(Ordering::Acquire) {
-                            return Err(SendStop::Dead(partial(sent, next)));
+                            return Err(SendStop::Dead(partial_at(batch, sent)));
                         }
                         return Err(SendStop::Failed(e));
                     }
@@ -1094,12 +1290,15 @@ fn poll_woken(
     Ok(r > 0)
 }
 
-/// Why the sender stopped in the middle of a batch.
+/// Why a writer stopped in the middle of a batch.
 enum SendStop {
     /// The socket failed: the connection is broken.
     Failed(io::Error),
     /// The leg died; the command that was partly on the wire, if any.
     Dead(Option<Partial>),
+    /// An inline writer found the socket full, or the leg dead: the sender takes over after the
+    /// first this many bytes.
+    Handoff(usize),
 }
 
 /// A command cut short by the leg's death.
@@ -2148,6 +2347,92 @@ mod tests {
             assert!(rbufs[i] == wbufs[i], "request {i} read back different data");
         }
         assert_quiet(&rx, Duration::from_millis(50));
+        assert!(leg.is_alive());
+    }
+
+    /// Inside a batch, commands wait for its end and then leave together: nothing reaches the
+    /// server before, everything completes after.
+    #[test]
+    fn commands_of_a_batch_leave_at_its_end() {
+        let k = Nbdkit::unix(&["memory", "64M"]);
+        let (leg, rx) = open(&k.address);
+        let mut w: Vec<Vec<u8>> = (0..8).map(|i| pattern(i, 0, 4096)).collect();
+        crate::batch::run(|| {
+            for (i, b) in w.iter_mut().enumerate() {
+                submit(
+                    &leg,
+                    i as Tag,
+                    write((i * 4096) as u64, bufs(b, &[]), false),
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+            assert!(rx.is_empty(), "a command left before the batch ended");
+        });
+        for (tag, r) in collect(&rx, 8, Duration::from_secs(5)) {
+            assert_eq!(r, Ok(()), "write {tag}");
+        }
+        let mut r = vec![0u8; 8 * 4096];
+        submit(&leg, 100, read(0, bufs(&mut r, &[])));
+        assert_eq!(one(&rx, 100), Ok(()));
+        assert!(r.chunks(4096).zip(&w).all(|(a, b)| a == b.as_slice()));
+    }
+
+    /// Several threads submitting at once, in and outside batches, with writes big enough to
+    /// fill the socket: inline writers and the sender take turns without interleaving bytes on
+    /// the wire (which would desynchronise the protocol) and every write lands where it should.
+    #[test]
+    fn concurrent_inline_and_queued_writers_keep_the_stream_whole() {
+        let k = Nbdkit::unix(&["memory", "64M"]);
+        let (leg, rx) = open(&k.address);
+        let leg = Arc::new(leg);
+        const THREADS: usize = 4;
+        const PER: usize = 48;
+        const SLOT: usize = 256 << 10;
+        let size = |i: usize| [4096, 65536, SLOT][i % 3];
+        let data: Vec<Vec<u8>> = (0..THREADS * PER)
+            .map(|i| pattern(i as u64 + 11, (i * SLOT) as u64, size(i)))
+            .collect();
+        let data = Arc::new(data);
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let leg = Arc::clone(&leg);
+                let data = Arc::clone(&data);
+                thread::spawn(move || {
+                    for j in (0..PER).step_by(3) {
+                        let go = |i: usize| {
+                            let b = data[i].as_ptr().cast_mut();
+                            let mut bs = Buffers::new();
+                            // SAFETY: `data` outlives every request (the test waits for all of
+                            // them) and writes only read the buffer.
+                            unsafe { bs.push(b, data[i].len()) };
+                            submit(&leg, i as Tag, write((i * SLOT) as u64, bs, false));
+                        };
+                        let i = t * PER + j;
+                        if t % 2 == 0 {
+                            crate::batch::run(|| (i..i + 3).for_each(go));
+                        } else {
+                            (i..i + 3).for_each(go);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        for (tag, r) in collect(&rx, THREADS * PER, Duration::from_secs(30)) {
+            assert_eq!(r, Ok(()), "write {tag}");
+        }
+        for (i, want) in data.iter().enumerate() {
+            let mut got = vec![0u8; want.len()];
+            submit(
+                &leg,
+                10_000 + i as Tag,
+                read((i * SLOT) as u64, bufs(&mut got, &[])),
+            );
+            assert_eq!(one(&rx, 10_000 + i as Tag), Ok(()));
+            assert!(&got == want, "write {i} read back different data");
+        }
         assert!(leg.is_alive());
     }
 
