@@ -808,13 +808,14 @@ impl Shared {
         if st.pending.is_empty() || st.dead.is_some() {
             return;
         }
-        let msgs = std::mem::take(&mut st.pending);
+        let mut msgs = std::mem::take(&mut st.pending);
         if st.sending || st.inline || st.queued > 0 || st.carry.is_some() {
-            for m in msgs {
+            for m in msgs.drain(..) {
                 if !self.send_locked(&mut st, m) {
                     return;
                 }
             }
+            recycle(&mut st, msgs);
             return;
         }
         st.inline = true;
@@ -830,7 +831,10 @@ impl Shared {
         let mut st = self.lock();
         st.inline = false;
         match res {
-            Ok(()) => {}
+            Ok(()) => {
+                msgs.clear();
+                recycle(&mut st, msgs);
+            }
             Err(SendStop::Handoff(skip)) => {
                 st.carry = Some(Carry { msgs, skip });
                 self.send_locked(&mut st, Msg::Carry);
@@ -896,8 +900,7 @@ impl Shared {
                 None => {
                     // The flush goes out only now that the server acknowledged the write: it
                     // only covers writes completed before it was received.
-                    let st_ref = &mut *st;
-                    self.queue_locked(st_ref, g.tag, proto::CMD_FLUSH, 0, 0, 0, 0, Buffers::new());
+                    self.queue_locked(&mut st, g.tag, proto::CMD_FLUSH, 0, 0, 0, 0, Buffers::new());
                     drop(st);
                     self.flush_pending();
                     return;
@@ -1003,12 +1006,7 @@ impl Drop for SenderExit<'_> {
         if let Some(carry) = st.carry.take() {
             drop(st);
             if let Some(partial) = partial_at(&carry.msgs, carry.skip) {
-                if let Err(why) = finish_partial(sh, sh.fd.as_raw_fd(), partial) {
-                    log::warn!(
-                        "NBD leg {}: could not complete the request cut short ({why}); the server sees a truncated request",
-                        sh.uri
-                    );
-                }
+                complete_cut_short(sh, partial);
             }
             st = sh.lock();
         }
@@ -1050,6 +1048,25 @@ thread_local! {
 struct Scratch {
     iov: Vec<libc::iovec>,
     ends: Vec<(u64, usize)>,
+}
+
+/// Gives an emptied command list back as `pending`, so its allocation serves the next batch
+/// instead of one being made per flush.
+fn recycle(st: &mut State, msgs: Vec<Msg>) {
+    if st.pending.is_empty() {
+        st.pending = msgs;
+    }
+}
+
+/// Completes a command the leg's death cut short in the middle, so the server sees whole
+/// requests before our end-of-file (see "Giving up on a connection").
+fn complete_cut_short(shared: &Shared, partial: Partial) {
+    if let Err(why) = finish_partial(shared, partial) {
+        log::warn!(
+            "NBD leg {}: could not complete the request cut short by the leg's end ({why}); the server sees a truncated request",
+            shared.uri
+        );
+    }
 }
 
 /// Flushes the leg's pending commands at the end of this thread's batch (so a device's pass over
@@ -1121,12 +1138,7 @@ fn sender_main(shared: Arc<Shared>, rx: Receiver<Msg>) {
                     return;
                 }
                 Err(SendStop::Dead(Some(partial))) => {
-                    if let Err(why) = finish_partial(&shared, shared.fd.as_raw_fd(), partial) {
-                        log::warn!(
-                            "NBD leg {}: could not complete the request cut short by the abort ({why}); the server sees a truncated request",
-                            shared.uri
-                        );
-                    }
+                    complete_cut_short(&shared, partial);
                     return;
                 }
                 Err(SendStop::Dead(None)) => return,
@@ -1336,7 +1348,8 @@ struct Partial {
 /// Sends the rest of a command cut short by the leg's death: the rest of its header, then
 /// zeros for the rest of its payload, so the server sees whole requests and then end-of-file
 /// instead of a torn one. Gives up (Err) when the socket fails or the drop's linger runs out.
-fn finish_partial(shared: &Shared, fd: RawFd, p: Partial) -> Result<(), String> {
+fn finish_partial(shared: &Shared, p: Partial) -> Result<(), String> {
+    let fd = shared.fd.as_raw_fd();
     let zeros = [0u8; 64 << 10];
     let mut done = p.done;
     while done < p.len {
@@ -2288,6 +2301,17 @@ mod tests {
             .expect("completion for the expected tag")
     }
 
+    /// Submits a write of each buffer, tag `i` at offset `i * stride`.
+    fn submit_writes(leg: &NbdLeg, bufs_w: &mut [Vec<u8>], stride: usize) {
+        for (i, b) in bufs_w.iter_mut().enumerate() {
+            submit(
+                leg,
+                i as Tag,
+                write((i * stride) as u64, bufs(b, &[]), false),
+            );
+        }
+    }
+
     /// Cuts `buf` into segments of the given sizes (the rest forms the last one).
     fn bufs(buf: &mut [u8], sizes: &[usize]) -> Buffers {
         let mut b = Buffers::new();
@@ -2382,13 +2406,7 @@ mod tests {
         let (leg, rx) = open(&k.address);
         let mut w: Vec<Vec<u8>> = (0..8).map(|i| pattern(i, 0, 4096)).collect();
         crate::batch::run(|| {
-            for (i, b) in w.iter_mut().enumerate() {
-                submit(
-                    &leg,
-                    i as Tag,
-                    write((i * 4096) as u64, bufs(b, &[]), false),
-                );
-            }
+            submit_writes(&leg, &mut w, 4096);
             thread::sleep(Duration::from_millis(100));
             assert!(rx.is_empty(), "a command left before the batch ended");
         });
@@ -2704,13 +2722,7 @@ mod tests {
         let (leg, rx) = open(&k.address);
         k.signal(libc::SIGSTOP);
         let mut bufs_w: Vec<Vec<u8>> = (0..64).map(|i| pattern(i, 0, 65536)).collect();
-        for (i, b) in bufs_w.iter_mut().enumerate() {
-            submit(
-                &leg,
-                i as Tag,
-                write((i * 65536) as u64, bufs(b, &[]), false),
-            );
-        }
+        submit_writes(&leg, &mut bufs_w, 65536);
         thread::sleep(Duration::from_millis(100));
         leg.abort("test abort");
         assert_eq!(collect(&rx, 64, Duration::from_secs(2)).len(), 64);
