@@ -53,7 +53,7 @@ const SECTIONS: [&str; 8] = [
     "nbd-mem",
     "memory",
     "resync",
-    "resync-capped",
+    "resync-greedy",
 ];
 
 const USAGE: &str = "\
@@ -66,7 +66,7 @@ usage: cargo run --release --example bench -- [options]
   --size MIB        working set and leg size in MiB (default 1024)
   --out FILE        also write the report (with the machine's description) to FILE
   --only LIST       sections to run, from null,file,file-shm,nbd,nbd-mem,memory,resync,
-                    resync-capped (default: all)
+                    resync-greedy (default: all)
   --extra           with --quick: run the memory and resync sections too
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
@@ -196,7 +196,7 @@ fn parse_args() -> Opts {
             .map(String::from)
             .to_vec();
         if extra {
-            v.extend(["memory", "resync", "resync-capped"].map(String::from));
+            v.extend(["memory", "resync", "resync-greedy"].map(String::from));
         }
         v
     });
@@ -1433,25 +1433,25 @@ struct ResyncLog {
     total_bytes: u64,
     last_rate: u64,
     dirty_at_readd: u64,
+    /// Status polls during the resync, and how many of them said it was yielding to the guest.
+    polls: u32,
+    yielding: u32,
 }
 
 fn resync_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
-    resync_run(env, opts, imgs, 0)
+    resync_run(env, opts, imgs, true)
 }
 
-/// Resync rate of the capped run, bytes/s.
-const RESYNC_CAP: u64 = 100 * MIB;
-
-/// The same under load with `--resync-rate` capped: what the guest keeps when the resync
-/// is told to leave room.
-fn resync_capped_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
-    resync_run(env, opts, imgs, RESYNC_CAP)
+/// The same with `--resync-busy-rate 0`: a resync that does not slow down for the guest, which
+/// shows what yielding buys it.
+fn resync_greedy_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
+    resync_run(env, opts, imgs, false)
 }
 
-/// Resync under load at `rate` bytes/s (0: unlimited); when unlimited, also the resync with
-/// the client idle and a leg's own bandwidth.
-fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String {
-    println!("\n== resync under load (rate {}) ==", rate_name(rate));
+/// Resync under load, no rate cap; `yields`: at the daemon's default busy rate (and then also
+/// the resync with the client idle and a leg's own bandwidth), else never slowing down.
+fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> String {
+    println!("\n== resync under load ({}) ==", resync_mode(yields));
     let mut nbd = [
         Nbdkit::start(env, &env.path("nbd0.sock"), &imgs[0]),
         Nbdkit::start(env, &env.path("nbd1.sock"), &imgs[1]),
@@ -1461,12 +1461,9 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
     let mut c = Client::connect(&mut t);
     let ws = c.capacity.min(opts.size) / SLOT as u64 * SLOT as u64;
     let control = t.control.clone().unwrap();
-    if rate > 0 {
-        ctl(
-            &control,
-            &format!(r#"{{"cmd":"set-resync-rate","rate":{rate}}}"#),
-        )
-        .unwrap_or_else(|e| panic!("set-resync-rate: {e}"));
+    if !yields {
+        ctl(&control, r#"{"cmd":"set-resync-busy-rate","rate":0}"#)
+            .unwrap_or_else(|e| panic!("set-resync-busy-rate: {e}"));
     }
     let w = Workload {
         qd: 32,
@@ -1550,6 +1547,10 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
                     log.resync_last = Some(now);
                     log.total_bytes = st["resync"]["total_bytes"].as_u64().unwrap_or(0);
                     log.last_rate = st["resync"]["rate"].as_u64().unwrap_or(0);
+                    log.polls += 1;
+                    if st["resync"]["yielding"] == true {
+                        log.yielding += 1;
+                    }
                 } else if st["legs"][1]["state"] == "uptodate" && log.resync_first.is_some() {
                     log.done = Some(now);
                     ev(log, "resync done, leg 1 up to date".into());
@@ -1569,10 +1570,10 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
     });
     let daemon_log = t.proc.log_text();
     let note = t.health();
-    let idle = (rate == 0).then(|| idle_resync(env, &mut t, &mut c, &mut nbd, ws));
+    let idle = yields.then(|| idle_resync(env, &mut t, &mut c, &mut nbd, ws));
     drop(c);
     drop(t);
-    let leg_bw = if rate == 0 {
+    let leg_bw = if yields {
         leg_write_bandwidth(env, opts, &nbd[1])
     } else {
         Vec::new()
@@ -1599,11 +1600,7 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
     let secs = (r1 - r0).as_secs_f64();
     let mut s = format!(
         "### Client IOPS during a resync ({})\n\n",
-        if rate == 0 {
-            "resync rate unlimited".to_string()
-        } else {
-            format!("`--resync-rate` {}", rate_name(rate))
-        }
+        resync_mode(yields)
     );
     let _ = writeln!(
         s,
@@ -1616,13 +1613,11 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
         steady.as_secs_f64(),
         degraded.as_secs_f64(),
         after.as_secs_f64(),
-        if rate == 0 {
-            "unlimited (the default)".to_string()
+        if yields {
+            "not capped, slowed to the default `--resync-busy-rate` while the client writes \
+             (the defaults)"
         } else {
-            format!(
-                "capped at {} (`set-resync-rate` on the control socket)",
-                rate_name(rate)
-            )
+            "not capped and never slowed (`set-resync-busy-rate 0` on the control socket)"
         }
     );
     s.push_str("| phase | seconds | IOPS | vs steady | p50 µs | p99 µs |\n");
@@ -1667,6 +1662,11 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
             0.0
         },
         log.last_rate as f64 / MIB as f64
+    );
+    let _ = writeln!(
+        s,
+        "- the status said the resync was yielding to the client in {} of {} polls",
+        log.yielding, log.polls
     );
     if worst.is_finite() {
         let _ = writeln!(
@@ -1746,11 +1746,14 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], rate: u64) -> String 
     s
 }
 
-fn rate_name(rate: u64) -> String {
-    if rate == 0 {
-        "unlimited".into()
+fn resync_mode(yields: bool) -> String {
+    if yields {
+        format!(
+            "defaults: yields to the guest at {} MiB/s",
+            mirror::DEFAULT_RESYNC_BUSY_RATE / MIB
+        )
     } else {
-        format!("{} MiB/s", rate / MIB)
+        "never yielding: `--resync-busy-rate 0`".into()
     }
 }
 
@@ -2018,7 +2021,7 @@ fn main() {
 
     let mut body = String::new();
     let has = |s: &str| opts.sections.iter().any(|x| x == s);
-    let need_images = ["file", "nbd", "memory", "resync", "resync-capped"]
+    let need_images = ["file", "nbd", "memory", "resync", "resync-greedy"]
         .iter()
         .any(|s| has(s));
     // The third image is the single-leg peers' own, so the mirrored pair stays identical.
@@ -2047,7 +2050,7 @@ fn main() {
         ("nbd-mem", nbd_mem_section),
         ("memory", memory_section),
         ("resync", resync_section),
-        ("resync-capped", resync_capped_section),
+        ("resync-greedy", resync_greedy_section),
     ];
     for (name, f) in sections {
         if !has(name) {

@@ -218,6 +218,13 @@ pub struct BlkArgs {
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
     pub resync_rate: u64,
 
+    /// Resync bandwidth while the guest does I/O (bytes per second, K/M/G suffixes; 0: the
+    /// resync does not slow down for the guest). On an idle disk the resync runs at full speed
+    /// (or --resync-rate); once guest requests arrive it drops to this rate, and back up 200 ms
+    /// after the last one.
+    #[arg(long, value_name = "RATE", default_value = "64M", value_parser = parse_rate)]
+    pub resync_busy_rate: u64,
+
     /// Take leg N as current whatever the metadata says (after a split brain: leg N's data wins,
     /// the others are resynced from it).
     #[arg(long, value_name = "N")]
@@ -277,6 +284,7 @@ impl BlkArgs {
             metadata: !self.no_metadata,
             force_current: self.force_current,
             resync_rate: self.resync_rate,
+            resync_busy_rate: self.resync_busy_rate,
             reconnect: !self.no_reconnect,
             state_dir: self.state_dir.clone(),
         }
@@ -333,6 +341,12 @@ pub enum CtlCommand {
     ResyncResume,
     /// Cap resync bandwidth (bytes per second, K/M/G suffixes; 0 for none).
     SetResyncRate {
+        #[arg(value_parser = parse_rate)]
+        rate: u64,
+    },
+    /// Set the resync bandwidth while the guest does I/O (K/M/G suffixes; 0: the resync does
+    /// not slow down for the guest).
+    SetResyncBusyRate {
         #[arg(value_parser = parse_rate)]
         rate: u64,
     },
@@ -467,6 +481,22 @@ mod tests {
             panic!("not ctl")
         };
         assert!(matches!(c.command, CtlCommand::SetResyncRate { rate } if rate == 10 << 20));
+        let cli = parse(&[
+            "vhost-mirror",
+            "ctl",
+            "--control",
+            "/c",
+            "set-resync-busy-rate",
+            "0",
+        ])
+        .unwrap();
+        let Command::Ctl(c) = cli.command else {
+            panic!("not ctl")
+        };
+        assert!(matches!(
+            c.command,
+            CtlCommand::SetResyncBusyRate { rate: 0 }
+        ));
         let e = parse(&[
             "vhost-mirror",
             "create",

@@ -1,7 +1,8 @@
 //! The control socket: one JSON object per line in each direction.
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"fail-leg","leg":N}`, `{"cmd":"re-add","leg":N}`,
-//! `{"cmd":"resync-pause"}`, `{"cmd":"resync-resume"}`, `{"cmd":"set-resync-rate","rate":BYTES}`.
+//! `{"cmd":"resync-pause"}`, `{"cmd":"resync-resume"}`, `{"cmd":"set-resync-rate","rate":BYTES}`,
+//! `{"cmd":"set-resync-busy-rate","rate":BYTES}`.
 //! For network daemons: `{"cmd":"fail-path","path":N}`, `{"cmd":"restore-path","path":N}`.
 //! Answers: the status object, or `{"ok":true}`, or `{"error":"..."}`.
 
@@ -25,6 +26,7 @@ pub enum Request {
     ResyncPause,
     ResyncResume,
     SetResyncRate { rate: u64 },
+    SetResyncBusyRate { rate: u64 },
     FailPath { path: usize },
     RestorePath { path: usize },
 }

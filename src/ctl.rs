@@ -153,12 +153,20 @@ pub fn render_resync(r: &Value) -> String {
         human_bytes(n("total_bytes")),
         done * 100 / total,
         human_bytes(n("rate")),
-        if r.get("paused").and_then(Value::as_bool).unwrap_or(false) {
-            " (paused)"
-        } else {
-            ""
-        }
+        resync_note(r)
     )
+}
+
+/// Why a resync is not running at full speed, for the status line and the progress bar.
+fn resync_note(r: &Value) -> &'static str {
+    let flag = |k: &str| r.get(k).and_then(Value::as_bool).unwrap_or(false);
+    if flag("paused") {
+        " (paused)"
+    } else if flag("yielding") {
+        " (yielding to guest I/O)"
+    } else {
+        ""
+    }
 }
 
 fn resync_bar(r: &Value) -> ProgressBar {
@@ -179,12 +187,7 @@ fn update_bar(bar: &ProgressBar, r: &Value) {
     let n = |k: &str| r.get(k).and_then(Value::as_u64).unwrap_or(0);
     bar.set_length(n("total_bytes"));
     bar.set_position(n("done_bytes"));
-    let paused = r.get("paused").and_then(Value::as_bool).unwrap_or(false);
-    bar.set_message(format!(
-        "{}{}",
-        n("leg"),
-        if paused { " (paused)" } else { "" }
-    ));
+    bar.set_message(format!("{}{}", n("leg"), resync_note(r)));
 }
 
 fn status(args: &CtlArgs, watch: bool) -> Result<(), CtlError> {
@@ -230,6 +233,9 @@ pub fn run(args: &CtlArgs) -> Result<(), CtlError> {
         CtlCommand::ResyncPause => json!({ "cmd": "resync-pause" }),
         CtlCommand::ResyncResume => json!({ "cmd": "resync-resume" }),
         CtlCommand::SetResyncRate { rate } => json!({ "cmd": "set-resync-rate", "rate": rate }),
+        CtlCommand::SetResyncBusyRate { rate } => {
+            json!({ "cmd": "set-resync-busy-rate", "rate": rate })
+        }
         CtlCommand::FailPath { path } => json!({ "cmd": "fail-path", "path": path }),
         CtlCommand::RestorePath { path } => json!({ "cmd": "restore-path", "path": path }),
     };

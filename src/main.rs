@@ -35,6 +35,7 @@ impl Controlled for BlkControl {
             Request::ResyncPause => self.0.set_resync_paused(true),
             Request::ResyncResume => self.0.set_resync_paused(false),
             Request::SetResyncRate { rate } => self.0.set_resync_rate(rate),
+            Request::SetResyncBusyRate { rate } => self.0.set_resync_busy_rate(rate),
             Request::FailPath { .. } | Request::RestorePath { .. } => {
                 return Err("not a network daemon: paths belong to `vhost-mirror net`".into())
             }

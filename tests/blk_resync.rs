@@ -172,6 +172,77 @@ fn guest_writes_during_resync_survive() {
     );
 }
 
+/// The resync yields to the guest: while guest requests arrive it copies at
+/// `--resync-busy-rate` and says so in its status; once the guest is quiet it runs at full speed
+/// again. Guest writes during the slow part land on both legs.
+#[test]
+fn resync_yields_to_guest_io() {
+    const BUSY_RATE: u64 = 4 << 20;
+    // A fresh mirror: leg 0's 64 MiB are copied to leg 1 at start, held at 1 MiB/s until the
+    // client is connected.
+    let r = Rig::build(
+        "yield",
+        [&[], &[]],
+        [&[], &[]],
+        Some(&[]),
+        &["--resync-rate", "1M", "--resync-busy-rate", "4M"],
+        |dir| std::fs::write(dir.path("leg0.img"), pattern(78, DISK as usize)).unwrap(),
+    );
+    let mut c = Client::connect(&r.daemon.socket, 16);
+    assert_eq!(r.daemon.status()["legs"][1]["state"], "resyncing");
+    // From here only the busy rate holds the copy back, and only while the guest writes.
+    let ok = ctl(&r.daemon.control, r#"{"cmd":"set-resync-rate","rate":0}"#);
+    assert_eq!(ok["ok"], true, "{ok}");
+    let done = |st: &serde_json::Value| st["resync"]["done_bytes"].as_u64().unwrap_or(0);
+    let before = done(&r.daemon.status());
+    let t0 = Instant::now();
+    let mut sampled = None;
+    let rep = stamped_workload(&mut c, 8192, 16, Duration::from_secs(3), |t| {
+        if sampled.is_none() && t > Duration::from_millis(1500) {
+            sampled = Some(r.daemon.status());
+        }
+    });
+    let secs = t0.elapsed().as_secs_f64();
+    let st = r.daemon.status();
+    assert_eq!(rep.errors, 0);
+    let sampled = sampled.unwrap();
+    assert_eq!(sampled["resync"]["yielding"], true, "{sampled}");
+    let copied = done(&st) - before;
+    eprintln!(
+        "resync while the guest wrote: {copied} bytes in {secs:.2} s ({} writes acknowledged)",
+        rep.writes_ok
+    );
+    // The pace allows one chunk ahead, and up to four chunks were in flight when the guest
+    // started: 5 MiB of slack over the busy rate.
+    let allowed = (BUSY_RATE as f64 * secs) as u64 + (5 << 20);
+    assert!(
+        copied <= allowed,
+        "copied {copied} bytes in {secs:.2} s with the guest busy; the busy rate allows {allowed}"
+    );
+    assert!(
+        copied >= 1 << 20,
+        "the resync stalled while the guest wrote"
+    );
+    // Quiet now: the rest (over 40 MiB, more than 10 s at the busy rate) goes at full speed.
+    let left = DISK - done(&st);
+    assert!(left > 40 << 20, "only {left} bytes left to copy");
+    let t1 = Instant::now();
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    let idle = t1.elapsed();
+    eprintln!("the last {left} bytes copied in {idle:?} with the guest quiet");
+    assert!(
+        idle < Duration::from_secs(5),
+        "{left} bytes took {idle:?} with the guest quiet"
+    );
+    assert_eq!(verify_acked(&mut c, &rep.acked), 0, "guest writes lost");
+    drop(c);
+    let mut r = r;
+    r.daemon.terminate();
+    let (a, b) = (r.image(0), r.image(1));
+    let end = (DISK - 3 * 4096) as usize;
+    assert!(a[..end] == b[..end], "legs differ after the resync");
+}
+
 /// The daemon dies (SIGKILL) while degraded; on restart it picks the current leg by generation
 /// and resyncs the other.
 #[test]

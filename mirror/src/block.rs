@@ -35,6 +35,12 @@ use crate::sync::{self, Cmd, MetaRuntime, ResyncStatus};
 /// Upper bound on legs: the per-request leg sets are bit masks.
 pub const MAX_LEGS: usize = 8;
 
+/// Default of [`MirrorConfig::resync_busy_rate`]: 64 MiB/s. Capped at 100 MiB/s the guest kept
+/// three quarters of its IOPS in the benchmark (BENCHMARKS.md), uncapped less than half; this
+/// leaves a margin and still copies a fully dirty 100 GiB leg in under half an hour of
+/// continuous guest load.
+pub const DEFAULT_RESYNC_BUSY_RATE: u64 = 64 << 20;
+
 /// How the guest sees a request end.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IoStatus {
@@ -87,6 +93,10 @@ pub struct MirrorConfig {
     pub force_current: Option<usize>,
     /// Resync bandwidth cap in bytes per second; 0 is unlimited.
     pub resync_rate: u64,
+    /// Resync bandwidth while the guest does I/O (bytes per second; 0: no slowing down). The
+    /// resync yields to the guest as DRBD's does to its application: it runs at full speed on an
+    /// idle disk and at this rate while guest requests arrive.
+    pub resync_busy_rate: u64,
     /// Retry failed legs in the background and resync them when they answer.
     pub reconnect: bool,
     /// Where to mirror the metadata in a local JSON file.
@@ -103,6 +113,7 @@ impl Default for MirrorConfig {
             metadata: true,
             force_current: None,
             resync_rate: 0,
+            resync_busy_rate: DEFAULT_RESYNC_BUSY_RATE,
             reconnect: true,
             state_dir: None,
         }
@@ -366,6 +377,8 @@ pub(crate) struct Inner<C> {
     /// Legs kept past the I/O timeout because no other up-to-date leg answered in time (warned
     /// once).
     late_kept: AtomicU8,
+    /// Guest requests submitted so far: the resync watches it to yield to guest I/O.
+    pub(crate) guest_requests: AtomicU64,
     self_ref: Weak<Inner<C>>,
 }
 
@@ -517,6 +530,7 @@ impl<C: Send + 'static> BlockMirror<C> {
             worker: worker_tx,
             stopping: AtomicBool::new(false),
             late_kept: AtomicU8::new(0),
+            guest_requests: AtomicU64::new(0),
             self_ref: me.clone(),
         });
         for sink in &sinks {
@@ -666,6 +680,17 @@ impl<C: Send + 'static> BlockMirror<C> {
             .md()
             .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
         md.resync_rate.store(rate, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Sets the resync bandwidth while the guest does I/O (bytes per second, 0 for no slowing
+    /// down; see [`MirrorConfig::resync_busy_rate`]).
+    pub fn set_resync_busy_rate(&self, rate: u64) -> Result<(), MirrorError> {
+        let md = self
+            .inner
+            .md()
+            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
+        md.resync_busy_rate.store(rate, Ordering::SeqCst);
         Ok(())
     }
 
@@ -832,6 +857,7 @@ impl<C: Send + 'static> Inner<C> {
     }
 
     pub(crate) fn submit(&self, op: LegOp, keep: Option<Arc<dyn KeepAlive>>, ctx: C) {
+        self.guest_requests.fetch_add(1, Ordering::Relaxed);
         if matches!(op, LegOp::Read { .. }) {
             let range = self.chunk_range(&op);
             let targets = self.pick_read_leg(self.current_for(range)).map_or(0, bit);

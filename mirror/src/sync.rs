@@ -53,6 +53,8 @@ pub struct ResyncStatus {
     /// Bytes per second over the resync so far.
     pub rate: u64,
     pub paused: bool,
+    /// Slowed down to the busy rate because the guest does I/O (`--resync-busy-rate`).
+    pub yielding: bool,
 }
 
 /// The mirror's idea of the metadata; every leg's superblock is written from it.
@@ -84,6 +86,7 @@ pub(crate) struct MetaRuntime {
     meta: Mutex<Meta>,
     pub(crate) resync_paused: AtomicBool,
     pub(crate) resync_rate: AtomicU64,
+    pub(crate) resync_busy_rate: AtomicU64,
     resync: Mutex<Option<ResyncStatus>>,
     resync_running: AtomicBool,
     /// Serialises superblock rounds, so the slot each writes (by `Meta::seq`) is the one after
@@ -306,6 +309,7 @@ pub(crate) fn load<C: Send + 'static>(inner: &Inner<C>) -> Result<Startup, Mirro
         }),
         resync_paused: AtomicBool::new(false),
         resync_rate: AtomicU64::new(inner.cfg.resync_rate),
+        resync_busy_rate: AtomicU64::new(inner.cfg.resync_busy_rate),
         resync: Mutex::new(None),
         resync_running: AtomicBool::new(false),
         sb_round: Mutex::new(()),
@@ -799,13 +803,19 @@ fn set_resync(md: &MetaRuntime, s: Option<ResyncStatus>) {
     }
 }
 
-/// A running resync's account: what has landed, what the control socket shows, the rate cap.
+/// How long after the last guest request the resync still counts the guest as busy: short
+/// pauses between a guest's bursts do not hand the legs back to a full-speed copy.
+const GUEST_BUSY_HOLD: Duration = Duration::from_millis(200);
+
+/// A running resync's account: what has landed, what the control socket shows, the pace.
 struct Progress<'a> {
     md: &'a MetaRuntime,
     /// Chunks current on the target.
     synced: Option<Arc<AtomicBits>>,
     t0: Instant,
     status: ResyncStatus,
+    pacer: Pacer,
+    guest: GuestWatch,
 }
 
 impl Progress<'_> {
@@ -824,15 +834,67 @@ impl Progress<'_> {
         self.publish();
     }
 
-    /// How long to wait before starting another chunk to keep to `--resync-rate`, counting the
-    /// `in_flight` bytes already started.
-    fn ahead_of_rate(&self, in_flight: u64) -> Duration {
-        let rate = self.md.resync_rate.load(Ordering::SeqCst);
+    /// The rate in force (bytes per second, 0 for none): `--resync-rate`, lowered to
+    /// `--resync-busy-rate` while `guest_requests` keeps moving.
+    fn rate(&mut self, guest_requests: u64, now: Instant) -> u64 {
+        let busy = self.guest.busy(guest_requests, now);
+        let cap = self.md.resync_rate.load(Ordering::SeqCst);
+        let busy_rate = self.md.resync_busy_rate.load(Ordering::SeqCst);
+        let yielding = busy && busy_rate != 0 && (cap == 0 || busy_rate < cap);
+        if yielding != self.status.yielding {
+            self.status.yielding = yielding;
+            self.publish();
+        }
+        if yielding {
+            busy_rate
+        } else {
+            cap
+        }
+    }
+}
+
+/// Whether the guest does I/O, from its request count.
+struct GuestWatch {
+    /// The count last seen, and when it last moved.
+    seen: u64,
+    moved: Option<Instant>,
+}
+
+impl GuestWatch {
+    /// Busy if the count moved within [`GUEST_BUSY_HOLD`] of `now`.
+    fn busy(&mut self, requests: u64, now: Instant) -> bool {
+        if requests != self.seen {
+            self.seen = requests;
+            self.moved = Some(now);
+        }
+        self.moved
+            .is_some_and(|t| now.duration_since(t) < GUEST_BUSY_HOLD)
+    }
+}
+
+/// Spaces chunk starts to keep a copy to a rate.
+struct Pacer {
+    /// Earliest start of the next chunk under the rate in force.
+    next: Instant,
+}
+
+impl Pacer {
+    /// How long to wait before a chunk of `len` bytes may start at `rate` (bytes per second, 0
+    /// for no limit); when it may, the start is booked. Time the copy spent below the rate is
+    /// made up by one chunk at most, so a rate that drops (the guest wakes up) holds from the
+    /// next chunk on rather than after a burst.
+    fn pace(&mut self, rate: u64, len: u64, now: Instant) -> Duration {
         if rate == 0 {
+            self.next = now;
             return Duration::ZERO;
         }
-        Duration::from_secs_f64((self.status.done_bytes + in_flight) as f64 / rate as f64)
-            .saturating_sub(self.t0.elapsed())
+        if self.next > now {
+            return self.next - now;
+        }
+        let step = Duration::from_secs_f64(len as f64 / rate as f64);
+        let earliest = now.checked_sub(step).unwrap_or(now);
+        self.next = self.next.max(earliest) + step;
+        Duration::ZERO
     }
 }
 
@@ -932,6 +994,14 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             total_bytes: total,
             rate: 0,
             paused: false,
+            yielding: false,
+        },
+        pacer: Pacer {
+            next: Instant::now(),
+        },
+        guest: GuestWatch {
+            seen: inner.guest_requests.load(Ordering::Relaxed),
+            moved: None,
         },
     };
     p.publish();
@@ -952,7 +1022,9 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         let mut no_source = false;
         while (k < dirty.len() || !retry.is_empty()) && !paused {
             let Some(&slot) = free.last() else { break };
-            wait = p.ahead_of_rate(window.len() as u64 * chunk);
+            let now = Instant::now();
+            let rate = p.rate(inner.guest_requests.load(Ordering::Relaxed), now);
+            wait = p.pacer.pace(rate, chunk, now);
             if !wait.is_zero() {
                 break;
             }
@@ -1498,4 +1570,47 @@ pub fn create(
         chunks,
         assume_clean,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pacer_keeps_to_the_rate_and_bursts_one_chunk_at_most() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = Pacer { next: t0 };
+        // Unlimited: never waits.
+        assert_eq!(p.pace(0, 1 << 20, t0), Duration::ZERO);
+        assert_eq!(p.pace(0, 1 << 20, t0), Duration::ZERO);
+        // 4 MiB/s, 1 MiB chunks: one start per 250 ms.
+        let rate = 4 << 20;
+        assert_eq!(p.pace(rate, 1 << 20, t0), Duration::ZERO);
+        assert_eq!(p.pace(rate, 1 << 20, t0), ms(250));
+        assert_eq!(p.pace(rate, 1 << 20, t0 + ms(100)), ms(150));
+        assert_eq!(p.pace(rate, 1 << 20, t0 + ms(250)), Duration::ZERO);
+        // A copy that fell 2 s behind the rate makes up one chunk, not eight.
+        let late = t0 + ms(2500);
+        assert_eq!(p.pace(rate, 1 << 20, late), Duration::ZERO);
+        assert_eq!(p.pace(rate, 1 << 20, late), Duration::ZERO);
+        assert_eq!(p.pace(rate, 1 << 20, late), ms(250));
+        // Unlimited again: the booking is dropped.
+        assert_eq!(p.pace(0, 1 << 20, late), Duration::ZERO);
+        assert_eq!(p.pace(rate, 1 << 20, late), Duration::ZERO);
+    }
+
+    #[test]
+    fn guest_counts_as_busy_until_it_has_been_quiet_for_the_hold() {
+        let t0 = Instant::now();
+        let mut g = GuestWatch {
+            seen: 7,
+            moved: None,
+        };
+        assert!(!g.busy(7, t0), "no request since the resync started");
+        assert!(g.busy(8, t0));
+        assert!(g.busy(8, t0 + GUEST_BUSY_HOLD / 2));
+        assert!(!g.busy(8, t0 + GUEST_BUSY_HOLD));
+        assert!(g.busy(9, t0 + GUEST_BUSY_HOLD * 3));
+    }
 }
