@@ -439,9 +439,23 @@ struct Target {
     proc: Proc,
     socket: PathBuf,
     control: Option<PathBuf>,
+    /// Processes serving this target's legs (nbdkit), whose CPU time counts with it.
+    servers: Vec<u32>,
 }
 
 impl Target {
+    /// The leg servers this target uses, for the CPU accounting.
+    fn served_by(mut self, servers: &[&Nbdkit]) -> Target {
+        self.servers = servers.iter().map(|n| n.proc.pid()).collect();
+        self
+    }
+
+    /// CPU time used so far by the target's daemon and by its leg servers.
+    fn cpu(&self) -> (Duration, Duration) {
+        let servers = self.servers.iter().map(|&p| proc_cpu(p)).sum();
+        (proc_cpu(self.proc.pid()), servers)
+    }
+
     /// `vhost-mirror blk` over `legs`; with `metadata`, `vhost-mirror create --assume-clean`
     /// first, else `--no-metadata`.
     fn mirror(env: &Env, label: &str, legs: &[String], metadata: bool) -> Target {
@@ -490,6 +504,7 @@ impl Target {
             proc,
             socket,
             control: Some(control),
+            servers: Vec::new(),
         }
     }
 
@@ -520,6 +535,7 @@ impl Target {
             proc,
             socket,
             control: None,
+            servers: Vec::new(),
         }
     }
 
@@ -683,6 +699,66 @@ struct Trace {
     errors: u64,
 }
 
+/// User and system CPU time a process (all its threads, live and exited) has used, from
+/// `/proc/PID/stat`; zero if it is gone.
+fn proc_cpu(pid: u32) -> Duration {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return Duration::ZERO;
+    };
+    // The command name in parentheses may hold spaces; the fields after it are fixed.
+    let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+        return Duration::ZERO;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line, 12th and 13th after the name.
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_nanos((ticks(11) + ticks(12)) * 1_000_000_000 / hz)
+}
+
+/// CPU time of the calling thread (the client: libblkio submits and reaps in it).
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a live, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// CPU time per completed request, in µs, over a target's rounds.
+#[derive(Clone, Copy, Default)]
+struct CpuCost {
+    daemon: f64,
+    servers: f64,
+    client: f64,
+}
+
+/// CPU time summed over rounds, and the requests completed in them.
+#[derive(Default)]
+struct CpuAcc {
+    daemon: Duration,
+    servers: Duration,
+    client: Duration,
+    requests: u64,
+}
+
+impl CpuAcc {
+    fn per_request(&self) -> Option<CpuCost> {
+        if self.requests == 0 {
+            return None;
+        }
+        let us = |d: Duration| d.as_secs_f64() * 1e6 / self.requests as f64;
+        Some(CpuCost {
+            daemon: us(self.daemon),
+            servers: us(self.servers),
+            client: us(self.client),
+        })
+    }
+}
+
 /// Keeps `w.qd` requests in flight at random `w.bs`-aligned offsets below `ws` until
 /// `going(elapsed since t0)` says stop, then waits for the last ones.
 fn drive(
@@ -842,6 +918,8 @@ struct Row {
     target: String,
     mirror: bool,
     stats: Stats,
+    /// CPU per request of the daemon, its leg servers and the client.
+    cpu: Option<CpuCost>,
     note: String,
 }
 
@@ -895,6 +973,7 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
         // Per target: latencies of every round, each round's IOPS, errors, notes.
         let mut acc: Vec<(Vec<u32>, Vec<f64>, u64, String)> =
             targets.iter().map(|_| Default::default()).collect();
+        let mut cpu: Vec<CpuAcc> = targets.iter().map(|_| CpuAcc::default()).collect();
         // The targets take turns round by round, so a burst of load from elsewhere hits one
         // round of each rather than all rounds of one.
         for round in 0..opts.rounds {
@@ -909,7 +988,17 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
                 }
                 let t0 = Instant::now();
                 let seed = 0x9e37_79b9 + (wi * 16 + round) as u64;
+                let (d0, s0, c0) = {
+                    let (d, s) = t.cpu();
+                    (d, s, thread_cpu())
+                };
                 let trace = drive(c, w, ws, seed, t0, |e| e < warm + dur);
+                let (d1, s1) = t.cpu();
+                let k = &mut cpu[ti];
+                k.daemon += d1.saturating_sub(d0);
+                k.servers += s1.saturating_sub(s0);
+                k.client += thread_cpu().saturating_sub(c0);
+                k.requests += trace.done.len() as u64;
                 let lat = window_lat(&trace, warm, warm + dur);
                 let a = &mut acc[ti];
                 a.1.push(lat.len() as f64 / dur.as_secs_f64());
@@ -921,15 +1010,22 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
                 }
             }
         }
-        for ((t, _), (lat, iops, errors, mut note)) in
-            targets.iter_mut().zip(clients.iter()).zip(acc)
+        for (((t, _), (lat, iops, errors, mut note)), cpu) in
+            targets.iter_mut().zip(clients.iter()).zip(acc).zip(cpu)
         {
             let stats = stats_of(lat, &iops, w.bs);
+            let cpu = cpu.per_request();
+            let cpu_note = cpu.map_or(String::new(), |c| {
+                format!(
+                    "  cpu/req {:.1}+{:.1}+{:.1} µs",
+                    c.daemon, c.servers, c.client
+                )
+            });
             if errors > 0 {
                 note = format!("{errors} I/O errors. {note}");
             }
             println!(
-                "  {:<18} {:<44} {:>9.0} IOPS ({:.0}–{:.0}) {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs {note}",
+                "  {:<18} {:<44} {:>9.0} IOPS ({:.0}–{:.0}) {:>8.1} MiB/s  p50 {:>8.1} µs  p99 {:>8.1} µs{cpu_note} {note}",
                 w.name(),
                 t.label,
                 stats.iops,
@@ -944,6 +1040,7 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
                 target: t.label.clone(),
                 mirror: t.mirror,
                 stats,
+                cpu,
                 note,
             });
         }
@@ -956,9 +1053,10 @@ fn table(rows: &[Row]) -> String {
     let mut s = String::new();
     s.push_str(
         "| workload | target | IOPS (median) | rounds' range | MiB/s | p50 µs | p99 µs | \
-         vhost-mirror IOPS ÷ this | vhost-mirror p50 ÷ this (QD1) |\n",
+         vhost-mirror IOPS ÷ this | vhost-mirror p50 ÷ this (QD1) | CPU µs per request: \
+         daemon + leg servers + client |\n",
     );
-    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
+    s.push_str("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n");
     let mut i = 0;
     while i < rows.len() {
         let w = rows[i].workload.name();
@@ -990,9 +1088,25 @@ fn table(rows: &[Row]) -> String {
             } else {
                 format!("{} ⚠ {}", r.target, r.note)
             };
+            let cpu = match r.cpu {
+                Some(c) if c.servers > 0.0 => format!(
+                    "{:.1} + {:.1} + {:.1} = {:.1}",
+                    c.daemon,
+                    c.servers,
+                    c.client,
+                    c.daemon + c.servers + c.client
+                ),
+                Some(c) => format!(
+                    "{:.1} + – + {:.1} = {:.1}",
+                    c.daemon,
+                    c.client,
+                    c.daemon + c.client
+                ),
+                None => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {} | {:.0} | {:.0}–{:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
                 w,
                 target,
                 r.stats.iops,
@@ -1002,7 +1116,8 @@ fn table(rows: &[Row]) -> String {
                 r.stats.p50,
                 r.stats.p99,
                 ri,
-                rp
+                rp,
+                cpu
             );
         }
     }
@@ -1247,17 +1362,22 @@ fn nbd_legs(
             ),
         ]
     };
+    let pair = [&nbd[0], &nbd[1]];
     let mut targets = vec![
-        Target::mirror(env, "vhost-mirror (2 NBD legs)", &uris, true),
-        Target::qsd(env, "qsd nbd (1 leg, no mirror)", &[node("disk", &nbd[2])]),
-        Target::qsd(env, "qsd quorum vt=2 read-pattern=fifo", &quorum("fifo")),
+        Target::mirror(env, "vhost-mirror (2 NBD legs)", &uris, true).served_by(&pair),
+        Target::qsd(env, "qsd nbd (1 leg, no mirror)", &[node("disk", &nbd[2])])
+            .served_by(&[&nbd[2]]),
+        Target::qsd(env, "qsd quorum vt=2 read-pattern=fifo", &quorum("fifo")).served_by(&pair),
     ];
     if all_quorum {
-        targets.push(Target::qsd(
-            env,
-            "qsd quorum vt=2 read-pattern=quorum",
-            &quorum("quorum"),
-        ));
+        targets.push(
+            Target::qsd(
+                env,
+                "qsd quorum vt=2 read-pattern=quorum",
+                &quorum("quorum"),
+            )
+            .served_by(&pair),
+        );
     }
     let rows = measure(opts, &mut targets, opts.size);
     let warn = mirror_warnings(&targets);
