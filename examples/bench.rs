@@ -1837,19 +1837,25 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> Stri
          (a resync reads every chunk from leg 0 and writes it to leg 1).\n",
         IDLE_DIRTY_SECS, opts.seconds
     );
-    s.push_str("| measurement | MiB/s | resync ÷ this |\n| --- | ---: | ---: |\n");
+    s.push_str(
+        "| measurement | MiB/s | resync ÷ this | CPU s per GiB: daemon + leg servers |\n\
+         | --- | ---: | ---: | ---: |\n",
+    );
     let resync_mibs = idle.mibs();
     let _ = writeln!(
         s,
-        "| resync, guest idle: {:.1} MiB in {:.2} s | {:.1} | |",
+        "| resync, guest idle: {:.1} MiB in {:.2} s | {:.1} | | {} (source {:.2}, target {:.2}) |",
         idle.bytes as f64 / MIB as f64,
         idle.secs,
-        resync_mibs
+        resync_mibs,
+        cpu_per_gib(idle.cpu[0], idle.cpu[1] + idle.cpu[2], idle.bytes as f64),
+        idle.cpu[1].as_secs_f64() / (idle.bytes.max(1) as f64 / (1u64 << 30) as f64),
+        idle.cpu[2].as_secs_f64() / (idle.bytes.max(1) as f64 / (1u64 << 30) as f64),
     );
-    for (name, mibs) in &leg_bw {
+    for (name, mibs, cpu) in &leg_bw {
         let _ = writeln!(
             s,
-            "| {name} | {mibs:.1} | {} |",
+            "| {name} | {mibs:.1} | {} | {cpu} |",
             if *mibs > 0.0 {
                 format!("{:.2}×", resync_mibs / mibs)
             } else {
@@ -1885,6 +1891,18 @@ struct IdleResync {
     bytes: u64,
     secs: f64,
     note: String,
+    /// CPU time over the resync: the daemon, the source's server, the target's server.
+    cpu: [Duration; 3],
+}
+
+/// "daemon + servers = total" CPU seconds per GiB moved.
+fn cpu_per_gib(daemon: Duration, servers: Duration, bytes: f64) -> String {
+    if bytes <= 0.0 {
+        return "–".into();
+    }
+    let g = bytes / (1u64 << 30) as f64;
+    let (d, s) = (daemon.as_secs_f64() / g, servers.as_secs_f64() / g);
+    format!("{d:.2} + {s:.2} = {:.2}", d + s)
 }
 
 impl IdleResync {
@@ -1952,10 +1970,14 @@ fn idle_resync(
     // Let the daemon settle (the bitmap sweeps) before the clock starts.
     std::thread::sleep(Duration::from_millis(500));
     nbd[1].restart(env);
+    let pids = [t.proc.pid(), nbd[0].proc.pid(), nbd[1].proc.pid()];
+    let cpu0 = pids.map(proc_cpu);
     let _ = ctl(&control, r#"{"cmd":"re-add","leg":1}"#);
     let done = wait("leg 1 up to date", Duration::from_secs(180), &|st| {
         st["legs"][1]["state"] == "uptodate" && st["resync"].is_null()
     });
+    let cpu1 = pids.map(proc_cpu);
+    let cpu = [0, 1, 2].map(|i| cpu1[i].saturating_sub(cpu0[i]));
     let log = t.proc.log_text();
     let lines: Vec<&str> = log.lines().skip(log_before).collect();
     let start = lines
@@ -1981,7 +2003,12 @@ fn idle_resync(
             start, end
         );
     }
-    let r = IdleResync { bytes, secs, note };
+    let r = IdleResync {
+        bytes,
+        secs,
+        note,
+        cpu,
+    };
     println!(
         "  resync with the guest idle: {:.1} MiB in {:.2} s = {:.1} MiB/s",
         bytes as f64 / MIB as f64,
@@ -1992,7 +2019,7 @@ fn idle_resync(
 }
 
 /// Write (and read) bandwidth of one NBD leg with 1 MiB requests, through qsd's NBD client.
-fn leg_write_bandwidth(env: &Env, opts: &Opts, leg: &Nbdkit) -> Vec<(String, f64)> {
+fn leg_write_bandwidth(env: &Env, opts: &Opts, leg: &Nbdkit) -> Vec<(String, f64, String)> {
     let mut t = Target::qsd(
         env,
         "qsd nbd on leg 1",
@@ -2013,14 +2040,18 @@ fn leg_write_bandwidth(env: &Env, opts: &Opts, leg: &Nbdkit) -> Vec<(String, f64
             bs: SLOT,
         };
         let t0 = Instant::now();
+        let (d0, s0) = (proc_cpu(t.proc.pid()), proc_cpu(leg.proc.pid()));
         let trace = drive(&mut c, w, ws, 17, t0, |e| e < warm + dur);
+        let (d1, s1) = (proc_cpu(t.proc.pid()), proc_cpu(leg.proc.pid()));
         let st = window(&trace, warm, warm + dur, w.bs);
         let name = format!(
             "leg 1 alone (qsd nbd), 1 MiB random {}s, QD{qd}",
             if write { "write" } else { "read" }
         );
         println!("  {name}: {:.1} MiB/s", st.mibs);
-        out.push((name, st.mibs));
+        let moved = (trace.done.len() * w.bs) as f64;
+        let cpu = cpu_per_gib(d1.saturating_sub(d0), s1.saturating_sub(s0), moved);
+        out.push((name, st.mibs, cpu));
     }
     out
 }
@@ -2214,6 +2245,11 @@ fn main() {
          - command: `cargo run --release --example bench -- {}`\n\
          - per workload and target: {} rounds of {:.1} s warm-up (not counted) and {:.1} s \
            measured, the targets taking turns; working set {} MiB\n\
+         - CPU per request: user + system time of the target's daemon and of the nbdkit servers \
+           it uses (`/proc/PID/stat`, 10 ms ticks) and of the client thread, over its rounds \
+           (warm-up included), divided by the requests completed in them. Client, daemon and \
+           servers share the CPUs, so where they are busy the IOPS ratio follows the ratio of \
+           these totals\n\
          - vhost-mirror `--io-timeout`: {}\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         first_line_of("/proc/cpuinfo", "model name"),
