@@ -1017,7 +1017,7 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
             let cpu = cpu.per_request();
             let cpu_note = cpu.map_or(String::new(), |c| {
                 format!(
-                    "  cpu/req {:.1}+{:.1}+{:.1} µs",
+                    "  cpu/req {:.2}+{:.2}+{:.2} µs",
                     c.daemon, c.servers, c.client
                 )
             });
@@ -1090,14 +1090,14 @@ fn table(rows: &[Row]) -> String {
             };
             let cpu = match r.cpu {
                 Some(c) if c.servers > 0.0 => format!(
-                    "{:.1} + {:.1} + {:.1} = {:.1}",
+                    "{:.2} + {:.2} + {:.2} = {:.2}",
                     c.daemon,
                     c.servers,
                     c.client,
                     c.daemon + c.servers + c.client
                 ),
                 Some(c) => format!(
-                    "{:.1} + – + {:.1} = {:.1}",
+                    "{:.2} + – + {:.2} = {:.2}",
                     c.daemon,
                     c.client,
                     c.daemon + c.client

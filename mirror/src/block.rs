@@ -968,10 +968,19 @@ impl<C: Send + 'static> Inner<C> {
         };
         // The lock is released: a leg may complete inline, and its completion takes the lock.
         let mut remaining = targets;
+        let mut op = Some(op);
         while remaining != 0 {
             let i = remaining.trailing_zeros() as usize;
             remaining &= !bit(i);
-            self.send(i, tag, op.clone());
+            // The last leg takes the op itself: one copy fewer per request.
+            let this = if remaining == 0 {
+                op.take()
+            } else {
+                op.clone()
+            };
+            if let Some(this) = this {
+                self.send(i, tag, this);
+            }
         }
     }
 

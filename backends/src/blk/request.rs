@@ -226,6 +226,29 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
     let mut header_bytes = [0u8; std::mem::size_of::<RequestHeader>()];
     let mut got = 0usize;
     let mut idx = 0usize;
+    // The usual framing, the header alone at the start of an aligned first descriptor, is read
+    // as two 8-byte loads: `read_slice` costs a region lookup and a `memcpy` call for 16 bytes,
+    // a measurable share of a request on fast legs.
+    if let Some((seg, false)) = segs.first_mut() {
+        let hlen = header_bytes.len();
+        if seg.len as usize >= hlen && seg.addr.0 % 8 == 0 {
+            if let Ok(v) = mem.get_slice(seg.addr, hlen) {
+                if let (Ok(lo), Ok(hi)) = (
+                    v.load::<u64>(0, std::sync::atomic::Ordering::Relaxed),
+                    v.load::<u64>(8, std::sync::atomic::Ordering::Relaxed),
+                ) {
+                    header_bytes[..8].copy_from_slice(&lo.to_ne_bytes());
+                    header_bytes[8..].copy_from_slice(&hi.to_ne_bytes());
+                    got = hlen;
+                    seg.addr = GuestAddress(seg.addr.0 + hlen as u64);
+                    seg.len -= hlen as u32;
+                    if seg.len == 0 {
+                        idx = 1;
+                    }
+                }
+            }
+        }
+    }
     while got < header_bytes.len() {
         let Some((seg, write_only)) = segs.get_mut(idx) else {
             return Err(fail(Reason::ShortHeader));
