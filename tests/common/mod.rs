@@ -43,9 +43,31 @@ pub fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
+/// Sends `sig` to `child`. SIGSTOP returns only once every thread of the child has stopped:
+/// kill(2) only queues it, and a server thread finishing a system call could still answer a
+/// request the test sends right after (seen as a flaky "both legs stalled" test).
 pub fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on a pid we spawned and have not reaped; no memory is involved.
     unsafe { libc::kill(child.id() as i32, sig) };
+    if sig == libc::SIGSTOP {
+        wait_for("the process to stop", Duration::from_secs(5), || {
+            all_threads_stopped(child.id())
+        });
+    }
+}
+
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |st| {
+            // The state follows the command name, which is in parentheses.
+            st.rfind(')')
+                .and_then(|i| st[i + 1..].split_whitespace().next())
+                .is_some_and(|state| state == "T" || state == "t")
+        })
+    })
 }
 
 /// A sparse image file of `size` bytes.
