@@ -247,3 +247,28 @@ pub fn run(args: &CtlArgs) -> Result<(), CtlError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resync_line_says_why_it_is_slow() {
+        let r = json!({"leg": 1, "done_bytes": 1 << 20, "total_bytes": 4 << 20, "rate": 1 << 20,
+                       "paused": false, "yielding": true});
+        let line = render_resync(&r);
+        assert!(line.contains("resync leg 1"), "{line}");
+        assert!(line.contains("(25%)"), "{line}");
+        assert!(line.ends_with(" (yielding to guest I/O)"), "{line}");
+        let paused = json!({"leg": 0, "done_bytes": 0, "total_bytes": 1, "paused": true,
+                            "yielding": true});
+        assert!(render_resync(&paused).ends_with(" (paused)"));
+        let full = json!({"leg": 0, "done_bytes": 0, "total_bytes": 1, "paused": false,
+                          "yielding": false});
+        assert!(
+            render_resync(&full).ends_with("/s"),
+            "{}",
+            render_resync(&full)
+        );
+    }
+}
