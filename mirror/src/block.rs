@@ -663,22 +663,23 @@ impl<C: Send + 'static> BlockMirror<C> {
         }
     }
 
+    /// The resync's settings, which only a mirror with metadata has.
+    fn resync_settings(&self) -> Result<&MetaRuntime, MirrorError> {
+        self.inner
+            .md()
+            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))
+    }
+
     /// Pauses or resumes a running resync.
     pub fn set_resync_paused(&self, paused: bool) -> Result<(), MirrorError> {
-        let md = self
-            .inner
-            .md()
-            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
+        let md = self.resync_settings()?;
         md.resync_paused.store(paused, Ordering::SeqCst);
         Ok(())
     }
 
     /// Caps resync bandwidth (bytes per second, 0 for none).
     pub fn set_resync_rate(&self, rate: u64) -> Result<(), MirrorError> {
-        let md = self
-            .inner
-            .md()
-            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
+        let md = self.resync_settings()?;
         md.resync_rate.store(rate, Ordering::SeqCst);
         Ok(())
     }
@@ -686,10 +687,7 @@ impl<C: Send + 'static> BlockMirror<C> {
     /// Sets the resync bandwidth while the guest does I/O (bytes per second, 0 for no slowing
     /// down; see [`MirrorConfig::resync_busy_rate`]).
     pub fn set_resync_busy_rate(&self, rate: u64) -> Result<(), MirrorError> {
-        let md = self
-            .inner
-            .md()
-            .ok_or_else(|| MirrorError::Refused("no metadata, no resync".into()))?;
+        let md = self.resync_settings()?;
         md.resync_busy_rate.store(rate, Ordering::SeqCst);
         Ok(())
     }
