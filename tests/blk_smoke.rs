@@ -25,6 +25,13 @@ fn null_legs_serve_a_libblkio_client() {
     let st = d.status();
     assert_eq!(st["legs"][0]["state"], "uptodate");
     assert!(st["legs"][0]["ops"].as_u64().unwrap() >= 2);
+    // Without metadata there is no resync to tune: a clear refusal, and the daemon serves on.
+    for cmd in ["set-resync-rate", "set-resync-busy-rate"] {
+        let v = ctl(&d.control, &format!(r#"{{"cmd":"{cmd}","rate":1048576}}"#));
+        let e = v["error"].as_str().unwrap_or_default();
+        assert!(e.contains("no metadata"), "{cmd}: {v}");
+    }
+    assert_eq!(c.write(8192, &[0xCD; 4096]), 0);
 }
 
 /// Several virtqueues, each with its own worker: requests on every queue complete.
