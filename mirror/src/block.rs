@@ -377,8 +377,10 @@ pub(crate) struct Inner<C> {
     /// Legs kept past the I/O timeout because no other up-to-date leg answered in time (warned
     /// once).
     late_kept: AtomicU8,
-    /// Guest requests submitted so far: the resync watches it to yield to guest I/O.
-    pub(crate) guest_requests: AtomicU64,
+    /// When a guest request last went to the legs ([`coarse_now`] in nanoseconds, 0 for never):
+    /// the resync watches it to yield to guest I/O. Written at most once per clock tick, so
+    /// queues on several threads do not bounce its cache line on every request.
+    pub(crate) last_guest_io: AtomicU64,
     self_ref: Weak<Inner<C>>,
 }
 
@@ -530,7 +532,7 @@ impl<C: Send + 'static> BlockMirror<C> {
             worker: worker_tx,
             stopping: AtomicBool::new(false),
             late_kept: AtomicU8::new(0),
-            guest_requests: AtomicU64::new(0),
+            last_guest_io: AtomicU64::new(0),
             self_ref: me.clone(),
         });
         for sink in &sinks {
@@ -855,7 +857,6 @@ impl<C: Send + 'static> Inner<C> {
     }
 
     pub(crate) fn submit(&self, op: LegOp, keep: Option<Arc<dyn KeepAlive>>, ctx: C) {
-        self.guest_requests.fetch_add(1, Ordering::Relaxed);
         if matches!(op, LegOp::Read { .. }) {
             let range = self.chunk_range(&op);
             let targets = self.pick_read_leg(self.current_for(range)).map_or(0, bit);
@@ -941,6 +942,13 @@ impl<C: Send + 'static> Inner<C> {
             }
             return;
         }
+        let now = coarse_now();
+        if matches!(origin, Origin::Guest(_)) {
+            let stamp = now.as_nanos() as u64;
+            if self.last_guest_io.load(Ordering::Relaxed) != stamp {
+                self.last_guest_io.store(stamp, Ordering::Relaxed);
+            }
+        }
         let tag = {
             let Ok(mut reqs) = self.reqs.lock() else {
                 if let Origin::Guest(Some(ctx)) = origin {
@@ -961,25 +969,19 @@ impl<C: Send + 'static> Inner<C> {
                 bad_read: 0,
                 write_failed: 0,
                 error: None,
-                sent_at: coarse_now(),
+                sent_at: now,
             }) as Tag
         };
         // The lock is released: a leg may complete inline, and its completion takes the lock.
-        let mut remaining = targets;
-        let mut op = Some(op);
-        while remaining != 0 {
-            let i = remaining.trailing_zeros() as usize;
-            remaining &= !bit(i);
-            // The last leg takes the op itself: one copy fewer per request.
-            let this = if remaining == 0 {
-                op.take()
-            } else {
-                op.clone()
-            };
-            if let Some(this) = this {
-                self.send(i, tag, this);
-            }
+        // Every leg but the last gets a copy; the last takes the op itself.
+        let last = (Mask::BITS - 1 - targets.leading_zeros()) as usize;
+        let mut others = targets & !bit(last);
+        while others != 0 {
+            let i = others.trailing_zeros() as usize;
+            others &= !bit(i);
+            self.send(i, tag, op.clone());
         }
+        self.send(last, tag, op);
     }
 
     fn send(&self, leg: usize, tag: Tag, op: LegOp) {

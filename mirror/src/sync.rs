@@ -23,7 +23,9 @@ use serde::Serialize;
 use transport::{Buffers, CompletionSink, LegError, LegOp, LegSpec, OpenOptions, Tag};
 
 use crate::bitmap::{AtomicBits, ChunkMap};
-use crate::block::{bit, Inner, InternalResult, LegState, Mask, MirrorError, RESYNC_WINDOW};
+use crate::block::{
+    bit, coarse_now, Inner, InternalResult, LegState, Mask, MirrorError, RESYNC_WINDOW,
+};
 use crate::meta::{
     self, assemble, Layout, MetaError, PeerRecord, PeerState, Superblock, ALIGN, SB_SIZE,
 };
@@ -815,7 +817,6 @@ struct Progress<'a> {
     t0: Instant,
     status: ResyncStatus,
     pacer: Pacer,
-    guest: GuestWatch,
 }
 
 impl Progress<'_> {
@@ -835,9 +836,8 @@ impl Progress<'_> {
     }
 
     /// The rate in force (bytes per second, 0 for none): `--resync-rate`, lowered to
-    /// `--resync-busy-rate` while `guest_requests` keeps moving.
-    fn rate(&mut self, guest_requests: u64, now: Instant) -> u64 {
-        let busy = self.guest.busy(guest_requests, now);
+    /// `--resync-busy-rate` while the guest is `busy`.
+    fn rate(&mut self, busy: bool) -> u64 {
         let cap = self.md.resync_rate.load(Ordering::SeqCst);
         let busy_rate = self.md.resync_busy_rate.load(Ordering::SeqCst);
         let yielding = busy && busy_rate != 0 && (cap == 0 || busy_rate < cap);
@@ -853,23 +853,10 @@ impl Progress<'_> {
     }
 }
 
-/// Whether the guest does I/O, from its request count.
-struct GuestWatch {
-    /// The count last seen, and when it last moved.
-    seen: u64,
-    moved: Option<Instant>,
-}
-
-impl GuestWatch {
-    /// Busy if the count moved within [`GUEST_BUSY_HOLD`] of `now`.
-    fn busy(&mut self, requests: u64, now: Instant) -> bool {
-        if requests != self.seen {
-            self.seen = requests;
-            self.moved = Some(now);
-        }
-        self.moved
-            .is_some_and(|t| now.duration_since(t) < GUEST_BUSY_HOLD)
-    }
+/// Whether the guest did I/O within [`GUEST_BUSY_HOLD`] of `now`, given when it last did
+/// (`Inner::last_guest_io`: nanoseconds on the coarse clock, 0 for never).
+fn guest_busy(last_guest_io: u64, now: Duration) -> bool {
+    last_guest_io != 0 && now.saturating_sub(Duration::from_nanos(last_guest_io)) < GUEST_BUSY_HOLD
 }
 
 /// Spaces chunk starts to keep a copy to a rate.
@@ -999,10 +986,6 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         pacer: Pacer {
             next: Instant::now(),
         },
-        guest: GuestWatch {
-            seen: inner.guest_requests.load(Ordering::Relaxed),
-            moved: None,
-        },
     };
     p.publish();
     let mut k = 0;
@@ -1023,7 +1006,8 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         while (k < dirty.len() || !retry.is_empty()) && !paused {
             let Some(&slot) = free.last() else { break };
             let now = Instant::now();
-            let rate = p.rate(inner.guest_requests.load(Ordering::Relaxed), now);
+            let busy = guest_busy(inner.last_guest_io.load(Ordering::Relaxed), coarse_now());
+            let rate = p.rate(busy);
             wait = p.pacer.pace(rate, chunk, now);
             if !wait.is_zero() {
                 break;
@@ -1602,15 +1586,13 @@ mod tests {
 
     #[test]
     fn guest_counts_as_busy_until_it_has_been_quiet_for_the_hold() {
-        let t0 = Instant::now();
-        let mut g = GuestWatch {
-            seen: 7,
-            moved: None,
-        };
-        assert!(!g.busy(7, t0), "no request since the resync started");
-        assert!(g.busy(8, t0));
-        assert!(g.busy(8, t0 + GUEST_BUSY_HOLD / 2));
-        assert!(!g.busy(8, t0 + GUEST_BUSY_HOLD));
-        assert!(g.busy(9, t0 + GUEST_BUSY_HOLD * 3));
+        let t = Duration::from_secs(100);
+        let stamp = t.as_nanos() as u64;
+        assert!(!guest_busy(0, t), "no guest request yet");
+        assert!(guest_busy(stamp, t));
+        assert!(guest_busy(stamp, t + GUEST_BUSY_HOLD / 2));
+        assert!(!guest_busy(stamp, t + GUEST_BUSY_HOLD));
+        // A stamp a tick ahead of a reader's clock is recent, not a wrap-around.
+        assert!(guest_busy(stamp, t - Duration::from_millis(4)));
     }
 }
