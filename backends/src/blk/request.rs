@@ -157,6 +157,30 @@ pub struct Limits {
     pub write_zeroes: bool,
 }
 
+/// Reads `buf.len()` bytes of a request header from `addr`. The usual framing, the whole
+/// header at an 8-byte aligned address, is two 8-byte loads: `read_slice` costs a region lookup
+/// and a `memcpy` call for 16 bytes, a measurable share of a request on fast legs.
+fn read_header_part<M: GuestMemory + GuestMemoryBackend>(
+    mem: &M,
+    buf: &mut [u8],
+    addr: GuestAddress,
+) -> Result<(), vm_memory::GuestMemoryError> {
+    const WHOLE: usize = std::mem::size_of::<RequestHeader>();
+    if buf.len() == WHOLE && addr.0.is_multiple_of(8) {
+        if let Ok(v) = mem.get_slice(addr, WHOLE) {
+            if let (Ok(lo), Ok(hi)) = (
+                v.load::<u64>(0, std::sync::atomic::Ordering::Relaxed),
+                v.load::<u64>(8, std::sync::atomic::Ordering::Relaxed),
+            ) {
+                buf[..8].copy_from_slice(&lo.to_ne_bytes());
+                buf[8..].copy_from_slice(&hi.to_ne_bytes());
+                return Ok(());
+            }
+        }
+    }
+    mem.read_slice(buf, addr)
+}
+
 /// Parses the descriptors of one chain (as produced by iterating a `DescriptorChain`).
 pub fn parse<M: GuestMemory + GuestMemoryBackend>(
     descs: impl IntoIterator<Item = Descriptor>,
@@ -226,29 +250,6 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
     let mut header_bytes = [0u8; std::mem::size_of::<RequestHeader>()];
     let mut got = 0usize;
     let mut idx = 0usize;
-    // The usual framing, the header alone at the start of an aligned first descriptor, is read
-    // as two 8-byte loads: `read_slice` costs a region lookup and a `memcpy` call for 16 bytes,
-    // a measurable share of a request on fast legs.
-    if let Some((seg, false)) = segs.first_mut() {
-        let hlen = header_bytes.len();
-        if seg.len as usize >= hlen && seg.addr.0 % 8 == 0 {
-            if let Ok(v) = mem.get_slice(seg.addr, hlen) {
-                if let (Ok(lo), Ok(hi)) = (
-                    v.load::<u64>(0, std::sync::atomic::Ordering::Relaxed),
-                    v.load::<u64>(8, std::sync::atomic::Ordering::Relaxed),
-                ) {
-                    header_bytes[..8].copy_from_slice(&lo.to_ne_bytes());
-                    header_bytes[8..].copy_from_slice(&hi.to_ne_bytes());
-                    got = hlen;
-                    seg.addr = GuestAddress(seg.addr.0 + hlen as u64);
-                    seg.len -= hlen as u32;
-                    if seg.len == 0 {
-                        idx = 1;
-                    }
-                }
-            }
-        }
-    }
     while got < header_bytes.len() {
         let Some((seg, write_only)) = segs.get_mut(idx) else {
             return Err(fail(Reason::ShortHeader));
@@ -257,7 +258,7 @@ pub fn parse<M: GuestMemory + GuestMemoryBackend>(
             return Err(fail(Reason::ShortHeader));
         }
         let take = (seg.len as usize).min(header_bytes.len() - got);
-        mem.read_slice(&mut header_bytes[got..got + take], seg.addr)
+        read_header_part(mem, &mut header_bytes[got..got + take], seg.addr)
             .map_err(|_| fail(Reason::ShortHeader))?;
         got += take;
         seg.addr = GuestAddress(seg.addr.0 + take as u64);

@@ -83,6 +83,24 @@ fn read_request() {
     assert_eq!(r.used_len(), 4097);
 }
 
+/// The header is read with two 8-byte loads when aligned and with a copy when not: both read
+/// the same request, and one that ends at the end of guest memory reads too.
+#[test]
+fn header_at_aligned_unaligned_and_last_addresses() {
+    for at in [HDR, HDR + 3, HDR + 8, MEM_SIZE - 16] {
+        let m = mem();
+        header(&m, at, VIRTIO_BLK_T_IN, 7);
+        let r = parse_with(
+            &[d(at, 16, 0), d(DATA, 512, W), d(STATUS, 1, W)],
+            &m,
+            &limits(),
+        )
+        .unwrap_or_else(|e| panic!("header at {at:#x}: {e}"));
+        assert_eq!(r.kind, RequestKind::In, "header at {at:#x}");
+        assert_eq!(r.offset, 7 * 512, "header at {at:#x}");
+    }
+}
+
 #[test]
 fn write_with_header_and_data_in_one_descriptor() {
     let r = run(
