@@ -1849,8 +1849,8 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> Stri
         idle.secs,
         resync_mibs,
         cpu_per_gib(idle.cpu[0], idle.cpu[1] + idle.cpu[2], idle.bytes as f64),
-        idle.cpu[1].as_secs_f64() / (idle.bytes.max(1) as f64 / (1u64 << 30) as f64),
-        idle.cpu[2].as_secs_f64() / (idle.bytes.max(1) as f64 / (1u64 << 30) as f64),
+        per_gib(idle.cpu[1], idle.bytes as f64),
+        per_gib(idle.cpu[2], idle.bytes as f64),
     );
     for (name, mibs, cpu) in &leg_bw {
         let _ = writeln!(
@@ -1895,13 +1895,17 @@ struct IdleResync {
     cpu: [Duration; 3],
 }
 
+/// CPU seconds per GiB moved.
+fn per_gib(cpu: Duration, bytes: f64) -> f64 {
+    cpu.as_secs_f64() / (bytes.max(1.0) / (1u64 << 30) as f64)
+}
+
 /// "daemon + servers = total" CPU seconds per GiB moved.
 fn cpu_per_gib(daemon: Duration, servers: Duration, bytes: f64) -> String {
     if bytes <= 0.0 {
         return "–".into();
     }
-    let g = bytes / (1u64 << 30) as f64;
-    let (d, s) = (daemon.as_secs_f64() / g, servers.as_secs_f64() / g);
+    let (d, s) = (per_gib(daemon, bytes), per_gib(servers, bytes));
     format!("{d:.2} + {s:.2} = {:.2}", d + s)
 }
 
