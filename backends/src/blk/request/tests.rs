@@ -376,3 +376,31 @@ fn random_chains_never_panic() {
     }
     assert!(refused > 0, "random chains should mostly be refused");
 }
+
+#[test]
+fn data_segments_up_to_seg_max() {
+    let chain = |segs: usize| {
+        let mut descs = vec![d(HDR, 16, 0)];
+        descs.extend((0..segs).map(|i| d(DATA + i as u64 * 512, 512, 0)));
+        descs.push(d(STATUS, 1, W));
+        descs
+    };
+    let r = run(VIRTIO_BLK_T_OUT, 0, &chain(MAX_DATA_SEGMENTS)).unwrap();
+    assert_eq!(r.data.len(), MAX_DATA_SEGMENTS);
+    assert_eq!(r.len, MAX_DATA_SEGMENTS as u64 * 512);
+    for segs in [MAX_DATA_SEGMENTS + 1, MAX_DATA_SEGMENTS + 2, 200] {
+        assert_eq!(
+            reason(run(VIRTIO_BLK_T_OUT, 0, &chain(segs))),
+            Reason::TooManySegments,
+            "{segs} data segments"
+        );
+    }
+    // A header that shares its descriptor with data leaves room for one more.
+    let mut descs = vec![d(HDR, 16 + 512, 0)];
+    descs.extend((0..MAX_DATA_SEGMENTS - 1).map(|i| d(DATA + i as u64 * 512, 512, 0)));
+    descs.push(d(STATUS, 1, W));
+    assert_eq!(
+        run(VIRTIO_BLK_T_OUT, 0, &descs).unwrap().data.len(),
+        MAX_DATA_SEGMENTS
+    );
+}
