@@ -52,10 +52,21 @@ impl fmt::Debug for IoVec {
 
 /// The scatter-gather list of one request. Most requests have a handful of segments, so they live
 /// inline and a request costs no allocation.
-#[derive(Clone, Default, Debug)]
+#[derive(Default, Debug)]
 pub struct Buffers {
     iov: SmallVec<[IoVec; 8]>,
     total: usize,
+}
+
+impl Clone for Buffers {
+    /// One copy of the segments in use; the derived clone goes element by element through
+    /// `extend` (a request is cloned for every leg but one).
+    fn clone(&self) -> Self {
+        Buffers {
+            iov: SmallVec::from_slice(&self.iov),
+            total: self.total,
+        }
+    }
 }
 
 impl Buffers {

@@ -322,15 +322,8 @@ impl VhostUserBackend for VhostUserBlk {
                 .ok()
                 .and_then(|m| m.as_ref().map(|m| m.memory().into_inner()))
                 .ok_or(BlkError::NoMemory(q))?;
-            queue::QueueContext {
-                mirror: &self.mirror,
-                limits: &self.limits,
-                serial: &self.serial,
-                state,
-                vring,
-                mem: &mem,
-            }
-            .process();
+            queue::QueueContext::new(&self.mirror, &self.limits, &self.serial, state, vring, &mem)
+                .process();
             Ok(mem)
         };
         if self.event_idx.load(Ordering::Acquire) {

@@ -5,7 +5,7 @@
 //! completion thread), which saves a thread hop per request over routing them back through the
 //! vring thread; the vring lock is held only to add the used entry.
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -179,12 +179,19 @@ fn chain_descriptors<M: GuestMemory + GuestMemoryBackend>(
     out
 }
 
-/// Everything needed to answer one request; it travels through the mirror as the request's
-/// context.
-pub struct Completion {
+/// The queue a request is answered on and the memory map it came with, shared by the requests
+/// of one pass over the queue: one reference count per request where separate handles took
+/// three, and the same reference keeps the memory mapped while legs use the buffers.
+pub struct Answerer {
     vring: VringRwLock,
     mem: Arc<GuestMemoryMmap>,
     state: Arc<QueueState>,
+}
+
+/// Everything needed to answer one request; it travels through the mirror as the request's
+/// context.
+pub struct Completion {
+    to: Arc<Answerer>,
     head: u16,
     status: GuestAddress,
     used_len: u32,
@@ -198,17 +205,14 @@ impl Completion {
             IoStatus::IoError => (VIRTIO_BLK_S_IOERR as u8, 1),
             IoStatus::Unsupported => (VIRTIO_BLK_S_UNSUPP as u8, 1),
         };
-        if let Err(e) = self.mem.write_obj(byte, self.status) {
-            warn!("cannot write status byte at {:#x}: {e}", self.status.0);
-        }
+        status_byte_answer(&self.to.mem, self.status, u32::from(byte));
         if transport::batch::active() {
             // Inside a completion batch (a queue pass that completed requests inline, a leg's
             // completion loop): the used entries go in together at its end, under one lock of
             // the vring and with at most one notification.
             ANSWERS.with(|a| {
                 a.borrow_mut().push(Answer {
-                    vring: self.vring,
-                    state: self.state,
+                    to: self.to,
                     head: self.head,
                     used_len,
                 })
@@ -216,15 +220,14 @@ impl Completion {
             transport::batch::at_end(publish_answers);
             return;
         }
-        answer(&self.vring, self.head, used_len);
-        self.state.inflight.fetch_sub(1, Ordering::AcqRel);
+        answer(&self.to.vring, self.head, used_len);
+        self.to.state.inflight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// A finished request whose used entry waits for the end of this thread's completion batch.
 struct Answer {
-    vring: VringRwLock,
-    state: Arc<QueueState>,
+    to: Arc<Answerer>,
     head: u16,
     used_len: u32,
 }
@@ -242,10 +245,10 @@ fn publish_answers() {
         let first = &list[i];
         let n = list[i..]
             .iter()
-            .take_while(|a| Arc::ptr_eq(&a.state, &first.state))
+            .take_while(|a| Arc::ptr_eq(&a.to.state, &first.to.state))
             .count();
         let notify = {
-            let mut vring = first.vring.get_mut();
+            let mut vring = first.to.vring.get_mut();
             for a in &list[i..i + n] {
                 if let Err(e) = vring.add_used(a.head, a.used_len) {
                     warn!("cannot add used entry for descriptor {}: {e}", a.head);
@@ -256,12 +259,12 @@ fn publish_answers() {
             vring.needs_notification()
         };
         if !matches!(notify, Ok(false)) {
-            if let Err(e) = first.vring.signal_used_queue() {
+            if let Err(e) = first.to.vring.signal_used_queue() {
                 warn!("cannot signal used queue: {e}");
             }
         }
         // Only now: `drain` (GET_VRING_BASE) must not see a request gone before its used entry.
-        first.state.inflight.fetch_sub(n, Ordering::AcqRel);
+        first.to.state.inflight.fetch_sub(n, Ordering::AcqRel);
         i += n;
     }
     list.clear();
@@ -290,23 +293,49 @@ fn answer(vring: &VringRwLock, head: u16, used_len: u32) {
     }
 }
 
+/// Writes the status byte: one region lookup and a store, where `write_obj` walks the range
+/// with a slice iterator and copies one byte with `memcpy`.
 fn status_byte_answer(mem: &GuestMemoryMmap, status: GuestAddress, byte: u32) {
-    if let Err(e) = mem.write_obj(byte as u8, status) {
+    let written = mem
+        .get_slice(status, 1)
+        .and_then(|v| Ok(v.store(byte as u8, 0, Ordering::Relaxed)?));
+    if let Err(e) = written {
         warn!("cannot write status byte at {:#x}: {e}", status.0);
     }
 }
 
 /// One pass over one queue, borrowed from the device for the duration of an event.
 pub struct QueueContext<'a> {
-    pub mirror: &'a BlkMirror,
-    pub limits: &'a Limits,
-    pub serial: &'a [u8; 20],
-    pub state: &'a Arc<QueueState>,
-    pub vring: &'a VringRwLock,
-    pub mem: &'a Arc<GuestMemoryMmap>,
+    mirror: &'a BlkMirror,
+    limits: &'a Limits,
+    serial: &'a [u8; 20],
+    state: &'a Arc<QueueState>,
+    vring: &'a VringRwLock,
+    mem: &'a Arc<GuestMemoryMmap>,
+    /// Made by the pass's first request that goes to the mirror.
+    answerer: OnceCell<Arc<Answerer>>,
 }
 
-impl QueueContext<'_> {
+impl<'a> QueueContext<'a> {
+    pub fn new(
+        mirror: &'a BlkMirror,
+        limits: &'a Limits,
+        serial: &'a [u8; 20],
+        state: &'a Arc<QueueState>,
+        vring: &'a VringRwLock,
+        mem: &'a Arc<GuestMemoryMmap>,
+    ) -> Self {
+        QueueContext {
+            mirror,
+            limits,
+            serial,
+            state,
+            vring,
+            mem,
+            answerer: OnceCell::new(),
+        }
+    }
+
     /// Takes every available chain off the queue and starts it.
     pub fn process(&self) {
         loop {
@@ -409,14 +438,22 @@ impl QueueContext<'_> {
             RequestKind::GetId => return,
         };
         self.state.inflight.fetch_add(1, Ordering::AcqRel);
-        let keep: Arc<dyn KeepAlive> = self.mem.clone();
+        let to = self
+            .answerer
+            .get_or_init(|| {
+                Arc::new(Answerer {
+                    vring: self.vring.clone(),
+                    mem: self.mem.clone(),
+                    state: self.state.clone(),
+                })
+            })
+            .clone();
+        let keep: Arc<dyn KeepAlive> = to.clone();
         self.mirror.submit(
             op,
             Some(keep),
             Completion {
-                vring: self.vring.clone(),
-                mem: self.mem.clone(),
-                state: self.state.clone(),
+                to,
                 head,
                 status: req.status,
                 used_len: req.used_len(),
@@ -429,6 +466,21 @@ impl QueueContext<'_> {
     fn host_buffers(&self, req: &Request) -> Option<Buffers> {
         let mut bufs = Buffers::new();
         for seg in &req.data {
+            // A buffer in one region (almost all of them) is one lookup; `get_slices` builds a
+            // slice with its bitmap and guard per region.
+            if let Some((region, at)) = self.mem.to_region_addr(seg.addr) {
+                let fits =
+                    at.0.checked_add(u64::from(seg.len))
+                        .is_some_and(|end| end <= region.len());
+                if let (true, Ok(ptr)) = (fits, region.get_host_address(at)) {
+                    // SAFETY: `ptr..ptr + seg.len` lies inside the region's mapping (checked just
+                    // above), which the `keep` handed to the mirror with this request holds open
+                    // until no leg can touch the buffer any more; the driver gave the buffer to
+                    // the device until the request is answered.
+                    unsafe { bufs.push(ptr, seg.len as usize) };
+                    continue;
+                }
+            }
             for slice in GuestMemoryBackend::get_slices(&**self.mem, seg.addr, seg.len as usize) {
                 let slice = slice.ok()?;
                 // SAFETY: the pointer is into the guest memory mapping, which the `keep` handed to

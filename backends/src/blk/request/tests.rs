@@ -404,3 +404,35 @@ fn data_segments_up_to_seg_max() {
         MAX_DATA_SEGMENTS
     );
 }
+
+#[test]
+fn in_guest_memory_agrees_with_check_range() {
+    // Two adjacent regions, a hole, a third region.
+    let m = GuestMemoryMmap::<()>::from_ranges(&[
+        (GuestAddress(0), 0x1000),
+        (GuestAddress(0x1000), 0x1000),
+        (GuestAddress(0x4000), 0x1000),
+    ])
+    .unwrap();
+    let addrs = [
+        0, 1, 0xfff, 0x1000, 0x1fff, 0x2000, 0x3fff, 0x4000, 0x4fff, 0x5000,
+    ];
+    let lens = [0u32, 1, 2, 0x1000, 0x1001, 0x2000, 0x3000, u32::MAX];
+    for a in addrs.into_iter().chain([u64::MAX - 1, u64::MAX]) {
+        for len in lens {
+            assert_eq!(
+                in_guest_memory(&m, GuestAddress(a), len),
+                GuestMemoryBackend::check_range(&m, GuestAddress(a), len as usize),
+                "{a:#x}+{len:#x}"
+            );
+        }
+    }
+    assert!(
+        in_guest_memory(&m, GuestAddress(0x800), 0x1000),
+        "across two regions"
+    );
+    assert!(
+        !in_guest_memory(&m, GuestAddress(0x1800), 0x1000),
+        "into the hole"
+    );
+}
