@@ -71,6 +71,8 @@ usage: cargo run --release --example bench -- [options]
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
   --keep            keep the scratch directory (images, daemon logs) at the end
+  --daemon PATH     the vhost-mirror binary to run (default: ../vhost-mirror beside this
+                    bench, i.e. target/release/vhost-mirror); for A/B runs of two builds
   --io-timeout MS   pass --io-timeout MS to every vhost-mirror daemon (default: its own, 1000)
   --daemon-arg ARG  one more argument for every vhost-mirror daemon, repeatable
                     (e.g. --daemon-arg --poll-us --daemon-arg 0: no polling)
@@ -94,6 +96,8 @@ struct Opts {
     workloads: Option<Vec<Workload>>,
     /// `--daemon-arg`: more arguments for every `vhost-mirror blk` (A/B runs of its options).
     daemon_args: Vec<String>,
+    /// `--daemon`: the vhost-mirror binary (A/B runs of two builds).
+    daemon: Option<PathBuf>,
 }
 
 fn parse_args() -> Opts {
@@ -110,6 +114,7 @@ fn parse_args() -> Opts {
         rounds: 3,
         workloads: None,
         daemon_args: Vec::new(),
+        daemon: None,
     };
     let mut only: Option<Vec<String>> = None;
     let mut extra: Option<bool> = None;
@@ -131,6 +136,16 @@ fn parse_args() -> Opts {
             "--size" => o.size = num(args.next(), "--size") as u64 * MIB,
             "--quick" => o.quick = true,
             "--keep" => o.keep = true,
+            "--daemon" => {
+                let p = PathBuf::from(
+                    args.next()
+                        .unwrap_or_else(|| usage("--daemon takes a path")),
+                );
+                if !p.is_file() {
+                    usage(&format!("--daemon: {} is not a file", p.display()));
+                }
+                o.daemon = Some(p);
+            }
             "--rounds" => o.rounds = num(args.next(), "--rounds") as usize,
             "--io-timeout" => o.io_timeout = Some(num(args.next(), "--io-timeout") as u64),
             "--daemon-arg" => o.daemon_args.push(
@@ -301,8 +316,8 @@ struct Env {
 }
 
 impl Env {
-    fn new(keep: bool, daemon_args: Vec<String>) -> Env {
-        let bin = mirror_binary();
+    fn new(keep: bool, daemon_args: Vec<String>, daemon: Option<PathBuf>) -> Env {
+        let bin = daemon.unwrap_or_else(mirror_binary);
         let dir = PathBuf::from(format!("/var/tmp/vhm-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)
@@ -2156,7 +2171,7 @@ fn main() {
         .map(|ms| vec!["--io-timeout".into(), ms.to_string()])
         .unwrap_or_default();
     daemon_args.extend(opts.daemon_args.iter().cloned());
-    let env = Env::new(opts.keep, daemon_args);
+    let env = Env::new(opts.keep, daemon_args, opts.daemon.clone());
     let exe = std::env::current_exe().unwrap_or_default();
     if !exe.to_string_lossy().contains("/release/") {
         eprintln!("bench: warning: not a release build; the figures mean little (use --release)");
