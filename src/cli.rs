@@ -167,6 +167,12 @@ pub struct BlkArgs {
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub io_timeout: u64,
 
+    /// The same for flush, discard and write-zeroes requests, which wait for the leg's
+    /// write-back or cover large ranges (never below --io-timeout).
+    #[arg(long, value_name = "MS", default_value_t = mirror::DEFAULT_FLUSH_TIMEOUT.as_millis() as u64,
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
+    pub flush_timeout: u64,
+
     /// Give up connecting to a remote leg after this many milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
@@ -275,6 +281,7 @@ impl BlkArgs {
     pub fn mirror_config(&self) -> MirrorConfig {
         MirrorConfig {
             io_timeout: Duration::from_millis(self.io_timeout),
+            flush_timeout: Duration::from_millis(self.flush_timeout),
             read_policy: self.read_policy,
             allow_size_mismatch: self.allow_size_mismatch,
             open: OpenOptions {
@@ -446,6 +453,10 @@ mod tests {
         };
         assert_eq!(a.legs.len(), 2);
         assert_eq!(a.mirror_config().io_timeout, Duration::from_millis(250));
+        assert_eq!(
+            a.mirror_config().flush_timeout,
+            mirror::DEFAULT_FLUSH_TIMEOUT
+        );
         assert_eq!(a.blk_config().num_queues, 2);
         assert_eq!(a.blk_config().serial, "abc");
     }
@@ -512,10 +523,11 @@ mod tests {
     #[test]
     fn bad_arguments_name_the_problem() {
         let blk = ["vhost-mirror", "blk", "--socket", "/s"];
-        let cases: [(&[&str], &str); 5] = [
+        let cases: [(&[&str], &str); 6] = [
             (&["--leg", "disk.img"], "invalid leg 'disk.img'"),
             (&[], "--leg"),
             (&["--leg", "null:1M", "--io-timeout", "0"], "--io-timeout"),
+            (&["--leg", "null:1M", "--flush-timeout", "0"], "--flush-timeout"),
             (
                 &["--leg", "null:1M", "--serial", "123456789012345678901"],
                 "at most 20",

@@ -391,3 +391,103 @@ fn unusable_legs_are_clear_errors() {
     let e = run(&[a.uri(), d.uri()], &[]);
     assert!(e.contains("belongs to mirror"), "{e}");
 }
+
+/// An nbdkit server whose flush takes 1.5 s (the eval plugin over a file, `sleep` for flush): a
+/// leg writing back a large cache. Its reads and writes are prompt.
+fn slow_flush_server(dir: &TempDir) -> (std::process::Child, String) {
+    let img = dir.path("slow.img");
+    image(&img, 16 << 20);
+    let socket = dir.path("slow.sock");
+    let img = img.display();
+    let child = std::process::Command::new("nbdkit")
+        .args(["--exit-with-parent", "-f", "-U"])
+        .arg(&socket)
+        .arg("eval")
+        .arg("get_size=echo 16777216")
+        .arg(format!(
+            "pread=dd if={img} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
+        ))
+        .arg(format!(
+            "pwrite=dd of={img} oflag=seek_bytes conv=notrunc seek=$4 status=none"
+        ))
+        .args(["flush=sleep 1.5", "can_flush=exit 0", "can_write=exit 0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("nbdkit not installed: run scripts/test (it installs nbdkit)");
+    let s = socket.clone();
+    wait_for("nbdkit socket", Duration::from_secs(10), || {
+        std::os::unix::net::UnixStream::connect(&s).is_ok()
+    });
+    (child, format!("nbd+unix:///?socket={}", socket.display()))
+}
+
+/// A flush waits for the leg's write-back, which on a healthy disk can take seconds after a
+/// burst of writes (or at the end of a resync): past `--io-timeout` the leg is kept, and only
+/// `--flush-timeout` ejects it. Before, such a leg was ejected, resynced, and ejected again at
+/// the resync's own final flush.
+#[test]
+fn slow_flush_is_not_a_dead_leg() {
+    let dir = TempDir::new("slowflush");
+    let img0 = dir.path("leg0.img");
+    image(&img0, 16 << 20);
+    let leg0 = Nbdkit::start(&dir.path("leg0.sock"), &img0, &[], &[]);
+    let (mut slow, leg1) = slow_flush_server(&dir);
+    let legs = [leg0.uri(), leg1];
+    let data = pattern(7, 4096);
+
+    // Flushes get 5 s: the 1.5 s flush is on time although --io-timeout is 300 ms.
+    let mut d = Daemon::start(
+        &dir,
+        &legs,
+        &[
+            "--no-metadata",
+            "--io-timeout",
+            "300",
+            "--flush-timeout",
+            "5000",
+        ],
+    );
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.write(0, &data), 0);
+    let t0 = std::time::Instant::now();
+    assert_eq!(c.flush(), 0);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(1200),
+        "the flush did not wait for leg 1: {took:?}"
+    );
+    let st = d.status();
+    assert_eq!(st["legs"][1]["state"], "uptodate", "{st}");
+    assert_eq!(c.read(0, 4096).unwrap(), data);
+    drop(c);
+    d.stop();
+
+    // With --flush-timeout below the server's 1.5 s, the same flush ejects leg 1; the guest's
+    // flush still succeeds from leg 0.
+    let d = Daemon::start(
+        &dir,
+        &legs,
+        &[
+            "--no-metadata",
+            "--io-timeout",
+            "300",
+            "--flush-timeout",
+            "600",
+        ],
+    );
+    let mut c = Client::connect(&d.socket, 1);
+    assert_eq!(c.write(4096, &data), 0);
+    assert_eq!(c.flush(), 0);
+    let st = d.status();
+    assert_eq!(st["legs"][1]["state"], "failed", "{st}");
+    assert!(
+        st["legs"][1]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("flush timeout of 600 ms"),
+        "{st}"
+    );
+    let _ = slow.kill();
+    let _ = slow.wait();
+}

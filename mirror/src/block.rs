@@ -80,6 +80,11 @@ impl std::str::FromStr for ReadPolicy {
 pub struct MirrorConfig {
     /// A leg that holds a request longer than this is ejected.
     pub io_timeout: Duration,
+    /// The same for flush, discard and write-zeroes (never below `io_timeout`). A flush waits
+    /// for the leg's write-back, which after a resync or a burst of writes can be a gigabyte
+    /// and seconds on a healthy disk; ejecting the leg for it would only start a resync that
+    /// ends in another such flush.
+    pub flush_timeout: Duration,
     /// Where reads go.
     pub read_policy: ReadPolicy,
     /// Accept legs of different sizes and expose the smallest (legs without metadata only).
@@ -107,6 +112,7 @@ impl Default for MirrorConfig {
     fn default() -> Self {
         MirrorConfig {
             io_timeout: Duration::from_millis(1000),
+            flush_timeout: DEFAULT_FLUSH_TIMEOUT,
             read_policy: ReadPolicy::default(),
             allow_size_mismatch: false,
             open: OpenOptions::default(),
@@ -237,6 +243,9 @@ impl<T: Send + Sync + ?Sized> KeepAlive for T {}
 
 type Handler<C> = Box<dyn Fn(C, IoStatus) + Send + Sync>;
 pub(crate) type Mask = u8;
+
+/// Default [`MirrorConfig::flush_timeout`].
+pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Chunks a resync keeps in flight (read from the source, then written to the target).
 pub(crate) const RESYNC_WINDOW: usize = 4;
@@ -1011,7 +1020,8 @@ impl<C: Send + 'static> Inner<C> {
 
     /// Waits for a request sent with [`Inner::leg_io_start`].
     pub(crate) fn leg_io_wait(&self, rx: &Receiver<InternalResult>) -> InternalResult {
-        let limit = self.cfg.io_timeout * 4 + Duration::from_secs(10);
+        // Past the watchdog's limit for any request, which ejects a leg that holds one.
+        let limit = self.cfg.io_timeout.max(self.cfg.flush_timeout) * 4 + Duration::from_secs(10);
         match rx.recv_timeout(limit) {
             Ok(r) => r,
             Err(_) => Err(LegError::Lost(format!("no answer within {limit:?}"))),
@@ -1292,15 +1302,26 @@ impl<C: Send + 'static> Inner<C> {
     /// Ejects legs that died on their own or sit on a request past the timeout.
     fn check_legs(&self) {
         let timeout = self.cfg.io_timeout;
-        let mut late: Mask = 0;
+        let slow_timeout = self.cfg.flush_timeout.max(timeout);
+        // Legs late with an ordinary request, and legs late with a flush-like one.
+        let (mut late_io, mut late_slow): (Mask, Mask) = (0, 0);
         if let Ok(reqs) = self.reqs.lock() {
             let now = coarse_now();
             for (_, e) in reqs.iter() {
-                if e.outstanding != 0 && now.saturating_sub(e.sent_at) > timeout {
-                    late |= e.outstanding;
+                if e.outstanding == 0 {
+                    continue;
+                }
+                let age = now.saturating_sub(e.sent_at);
+                if e.op.waits_for_write_back() {
+                    if age > slow_timeout {
+                        late_slow |= e.outstanding;
+                    }
+                } else if age > timeout {
+                    late_io |= e.outstanding;
                 }
             }
         }
+        let late = late_io | late_slow;
         for (i, l) in self.legs.iter().enumerate() {
             if l.state() == LegState::Failed {
                 continue;
@@ -1325,12 +1346,21 @@ impl<C: Send + 'static> Inner<C> {
                         timeout.as_millis()
                     );
                 }
-            } else {
+            } else if late_io & bit(i) != 0 {
                 self.eject(
                     i,
                     &format!(
                         "no answer within the I/O timeout of {} ms",
                         timeout.as_millis()
+                    ),
+                );
+            } else {
+                self.eject(
+                    i,
+                    &format!(
+                        "no answer to a flush, discard or write-zeroes within the flush \
+                         timeout of {} ms",
+                        slow_timeout.as_millis()
                     ),
                 );
             }

@@ -12,7 +12,7 @@ pub mod sync;
 
 pub use block::{
     BlockMirror, IoStatus, KeepAlive, LegState, LegStatus, MirrorConfig, MirrorError, MirrorInfo,
-    MirrorStatus, ReadPolicy, DEFAULT_RESYNC_BUSY_RATE, MAX_LEGS,
+    MirrorStatus, ReadPolicy, DEFAULT_FLUSH_TIMEOUT, DEFAULT_RESYNC_BUSY_RATE, MAX_LEGS,
 };
 pub use net_mirror::{NetConfig, NetMirror, NetMirrorError, NetMode, NetStatus, PathStatus};
 pub use sync::{create, Created, ResyncStatus};

@@ -75,11 +75,16 @@ struct Rig {
 }
 
 fn rig_sized(sizes: &[u64], timeout_ms: u64) -> Result<Rig, MirrorError> {
+    rig_timeouts(sizes, timeout_ms, DEFAULT_FLUSH_TIMEOUT)
+}
+
+fn rig_timeouts(sizes: &[u64], timeout_ms: u64, flush: Duration) -> Result<Rig, MirrorError> {
     let (tx, done) = unbounded();
     let legs = Arc::new(Mutex::new(Vec::new()));
     let made = legs.clone();
     let cfg = MirrorConfig {
         io_timeout: Duration::from_millis(timeout_ms),
+        flush_timeout: flush,
         read_policy: ReadPolicy::Primary,
         metadata: false,
         ..Default::default()
@@ -203,6 +208,61 @@ fn hung_leg_is_ejected_after_the_timeout() {
         r.mirror.inflight(),
         0,
         "the abort released the held request"
+    );
+}
+
+/// A flush waits for the leg's write-back: past `io_timeout` it is still on time, and only
+/// `flush_timeout` ejects the leg. Discard and write-zeroes likewise.
+#[test]
+fn flush_discard_and_write_zeroes_get_the_flush_timeout() {
+    let ops = [
+        LegOp::Flush,
+        LegOp::Discard {
+            offset: 0,
+            len: 4096,
+        },
+        LegOp::WriteZeroes {
+            offset: 0,
+            len: 4096,
+            may_unmap: false,
+        },
+    ];
+    for (ctx, op) in ops.into_iter().enumerate() {
+        let name = op.name();
+        let r = rig_timeouts(&[1 << 20, 1 << 20], 100, Duration::from_millis(900)).unwrap();
+        r.legs[1].set(Mode::Hold);
+        let t0 = Instant::now();
+        r.mirror.submit(op, None, ctx as u32);
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(
+            r.mirror.status().legs[1].state,
+            LegState::UpToDate,
+            "{name}: kept past io_timeout"
+        );
+        assert!(r.done.try_recv().is_err(), "{name}: waits for leg 1");
+        // Past flush_timeout leg 1 is ejected and the request completes from leg 0.
+        assert_eq!(wait(&r), (ctx as u32, IoStatus::Ok));
+        let waited = t0.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900),
+            "{name}: ejected after {waited:?}"
+        );
+        let st = r.mirror.status();
+        assert_eq!(st.legs[1].state, LegState::Failed, "{name}");
+        let err = st.legs[1].last_error.clone().unwrap_or_default();
+        assert!(err.contains("flush timeout of 900 ms"), "{name}: {err}");
+    }
+    // A write on the same rig still gets io_timeout.
+    let r = rig_timeouts(&[1 << 20, 1 << 20], 100, Duration::from_millis(900)).unwrap();
+    let mut buf = vec![1u8; 512];
+    r.legs[1].set(Mode::Hold);
+    let t0 = Instant::now();
+    r.mirror.submit(write_op(&mut buf), None, 9);
+    assert_eq!(wait(&r), (9, IoStatus::Ok));
+    assert!(
+        t0.elapsed() < Duration::from_millis(800),
+        "write ejected after {:?}",
+        t0.elapsed()
     );
 }
 
