@@ -527,7 +527,10 @@ mod tests {
             (&["--leg", "disk.img"], "invalid leg 'disk.img'"),
             (&[], "--leg"),
             (&["--leg", "null:1M", "--io-timeout", "0"], "--io-timeout"),
-            (&["--leg", "null:1M", "--flush-timeout", "0"], "--flush-timeout"),
+            (
+                &["--leg", "null:1M", "--flush-timeout", "0"],
+                "--flush-timeout",
+            ),
             (
                 &["--leg", "null:1M", "--serial", "123456789012345678901"],
                 "at most 20",
