@@ -1021,7 +1021,12 @@ impl<C: Send + 'static> Inner<C> {
     /// Waits for a request sent with [`Inner::leg_io_start`].
     pub(crate) fn leg_io_wait(&self, rx: &Receiver<InternalResult>) -> InternalResult {
         // Past the watchdog's limit for any request, which ejects a leg that holds one.
-        let limit = self.cfg.io_timeout.max(self.cfg.flush_timeout) * 4 + Duration::from_secs(10);
+        let limit = self
+            .cfg
+            .io_timeout
+            .max(self.cfg.flush_timeout)
+            .saturating_mul(4)
+            .saturating_add(Duration::from_secs(10));
         match rx.recv_timeout(limit) {
             Ok(r) => r,
             Err(_) => Err(LegError::Lost(format!("no answer within {limit:?}"))),
@@ -1340,10 +1345,11 @@ impl<C: Send + 'static> Inner<C> {
                 // connection lost) is ejected above whatever the others do.
                 if self.late_kept.fetch_or(bit(i), Ordering::Relaxed) & bit(i) == 0 {
                     warn!(
-                        "leg {i} {} holds requests past the I/O timeout of {} ms, but no other \
-                         up-to-date leg answers in time: kept, its requests wait",
+                        "leg {i} {} holds requests past their timeout (I/O {} ms, flush {} ms), \
+                         but no other up-to-date leg answers in time: kept, its requests wait",
                         l.uri,
-                        timeout.as_millis()
+                        timeout.as_millis(),
+                        slow_timeout.as_millis()
                     );
                 }
             } else if late_io & bit(i) != 0 {

@@ -692,7 +692,13 @@ fn hold_chunk<'a, C: Send + 'static>(
     let hold = Hold { inner, slot };
     let t0 = Instant::now();
     while md.chunks.inflight(c) != 0 {
-        if t0.elapsed() > inner.cfg.io_timeout * 4 + Duration::from_secs(5) {
+        if t0.elapsed()
+            > inner
+                .cfg
+                .io_timeout
+                .saturating_mul(4)
+                .saturating_add(Duration::from_secs(5))
+        {
             return Err(Busy);
         }
         thread::sleep(Duration::from_micros(50));
