@@ -436,18 +436,23 @@ fn slow_flush_is_not_a_dead_leg() {
     let legs = [leg0.uri(), leg1];
     let data = pattern(7, 4096);
 
+    // The two runs differ only in --flush-timeout; --io-timeout is 300 ms in both.
+    let start = |flush_ms: &str| {
+        Daemon::start(
+            &dir,
+            &legs,
+            &[
+                "--no-metadata",
+                "--io-timeout",
+                "300",
+                "--flush-timeout",
+                flush_ms,
+            ],
+        )
+    };
+
     // Flushes get 5 s: the 1.5 s flush is on time although --io-timeout is 300 ms.
-    let mut d = Daemon::start(
-        &dir,
-        &legs,
-        &[
-            "--no-metadata",
-            "--io-timeout",
-            "300",
-            "--flush-timeout",
-            "5000",
-        ],
-    );
+    let mut d = start("5000");
     let mut c = Client::connect(&d.socket, 1);
     assert_eq!(c.write(0, &data), 0);
     let t0 = std::time::Instant::now();
@@ -465,17 +470,7 @@ fn slow_flush_is_not_a_dead_leg() {
 
     // With --flush-timeout below the server's 1.5 s, the same flush ejects leg 1; the guest's
     // flush still succeeds from leg 0.
-    let d = Daemon::start(
-        &dir,
-        &legs,
-        &[
-            "--no-metadata",
-            "--io-timeout",
-            "300",
-            "--flush-timeout",
-            "600",
-        ],
-    );
+    let d = start("600");
     let mut c = Client::connect(&d.socket, 1);
     assert_eq!(c.write(4096, &data), 0);
     assert_eq!(c.flush(), 0);
