@@ -465,6 +465,11 @@ impl Target {
         self
     }
 
+    /// Context switches of the daemon's threads so far.
+    fn switches(&self) -> u64 {
+        proc_switches(self.proc.pid())
+    }
+
     /// CPU time used so far by the target's daemon and by its leg servers.
     fn cpu(&self) -> (Duration, Duration) {
         let servers = self.servers.iter().map(|&p| proc_cpu(p)).sum();
@@ -732,6 +737,30 @@ fn proc_cpu(pid: u32) -> Duration {
     Duration::from_nanos((ticks(11) + ticks(12)) * 1_000_000_000 / hz)
 }
 
+/// Voluntary and involuntary context switches of a process's live threads, from
+/// `/proc/PID/task/*/status`; zero if it is gone. Every wake-up of a sleeping thread is one,
+/// and unlike CPU time the count hardly moves with the host's noise.
+fn proc_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(t.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                n += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    n
+}
+
 /// CPU time of the calling thread (the client: libblkio submits and reaps in it).
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {
@@ -749,6 +778,8 @@ struct CpuCost {
     daemon: f64,
     servers: f64,
     client: f64,
+    /// The daemon's context switches per request.
+    switches: f64,
 }
 
 /// CPU time summed over rounds, and the requests completed in them.
@@ -757,6 +788,7 @@ struct CpuAcc {
     daemon: Duration,
     servers: Duration,
     client: Duration,
+    switches: u64,
     requests: u64,
 }
 
@@ -770,6 +802,7 @@ impl CpuAcc {
             daemon: us(self.daemon),
             servers: us(self.servers),
             client: us(self.client),
+            switches: self.switches as f64 / self.requests as f64,
         })
     }
 }
@@ -1003,9 +1036,9 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
                 }
                 let t0 = Instant::now();
                 let seed = 0x9e37_79b9 + (wi * 16 + round) as u64;
-                let (d0, s0, c0) = {
+                let (d0, s0, c0, x0) = {
                     let (d, s) = t.cpu();
-                    (d, s, thread_cpu())
+                    (d, s, thread_cpu(), t.switches())
                 };
                 let trace = drive(c, w, ws, seed, t0, |e| e < warm + dur);
                 let (d1, s1) = t.cpu();
@@ -1013,6 +1046,7 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
                 k.daemon += d1.saturating_sub(d0);
                 k.servers += s1.saturating_sub(s0);
                 k.client += thread_cpu().saturating_sub(c0);
+                k.switches += t.switches().saturating_sub(x0);
                 k.requests += trace.done.len() as u64;
                 let lat = window_lat(&trace, warm, warm + dur);
                 let a = &mut acc[ti];
@@ -1032,8 +1066,8 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
             let cpu = cpu.per_request();
             let cpu_note = cpu.map_or(String::new(), |c| {
                 format!(
-                    "  cpu/req {:.2}+{:.2}+{:.2} µs",
-                    c.daemon, c.servers, c.client
+                    "  cpu/req {:.2}+{:.2}+{:.2} µs, daemon {:.2} switches/req",
+                    c.daemon, c.servers, c.client, c.switches
                 )
             });
             if errors > 0 {

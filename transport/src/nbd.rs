@@ -14,8 +14,10 @@
 //!   (the "carry"), so `submit` never waits for the socket;
 //! * the **sender** takes the commands submitted while the socket was busy, and the carry, from
 //!   a channel and writes them the same way, waiting for socket space when it must;
-//! * the **reader** blocks in `recv` for reply headers, reads read payloads straight into the
-//!   caller's buffers and completes requests. It is also the only thread that fails the
+//! * the **reader** takes whatever replies have arrived in one `recv` into a small buffer,
+//!   reads read payloads straight into the caller's buffers (copying only what of a payload
+//!   arrived with the headers) and completes each burst of replies as one [`crate::batch`], so
+//!   their answers reach the guest together. It is also the only thread that fails the
 //!   outstanding requests once the leg is dead.
 //!
 //! All bookkeeping lives in one mutex ([`State`]): the in-flight map from NBD handle to request,
@@ -1432,63 +1434,21 @@ fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
 
 fn reader_main(shared: Arc<Shared>) {
     let _exit = ReaderExit(&shared);
+    let mut replies = ReplyBuffer::new();
     let mut scratch: Vec<libc::iovec> = Vec::new();
     let (why, end) = loop {
-        let mut hdr = [0u8; proto::REPLY_LEN];
-        match recv_exact(&shared, &mut hdr) {
-            Ok(()) => {}
-            Err(Recv::Dead) => break (String::new(), End::GaveUp),
-            Err(Recv::Io(e)) => break (describe_recv_error(&e, ""), End::Closed),
-        }
-        let magic = be_u32(&hdr[0..4]);
-        let error = be_u32(&hdr[4..8]);
-        let handle = be_u64(&hdr[8..16]);
-        if magic != proto::SIMPLE_REPLY_MAGIC {
-            break (
-                format!("bad reply magic {magic:#010x} (protocol violation)"),
-                End::Violation,
-            );
-        }
-        let Some((entry, sent)) = shared.take_entry(handle) else {
-            if !shared.alive.load(Ordering::Acquire) {
-                // The leg died between the header and the lookup; the entry was never ours.
-                break (String::new(), End::GaveUp);
+        // The replies that arrived together are completed as one batch: their answers reach
+        // the guest under one lock of its queue and with one notification. The batch ends
+        // before the reader waits for the socket again.
+        let burst = crate::batch::run(|| loop {
+            one_reply(&shared, &mut replies, &mut scratch)?;
+            if !replies.has_header() {
+                return Ok(());
             }
-            break (
-                format!("reply with unknown handle {handle:#018x} (protocol violation)"),
-                End::Violation,
-            );
-        };
-        if entry.cmd == proto::CMD_WRITE && !sent && !shared.wait_sent(handle) {
-            // The server answered a write we had not finished sending and then the leg died.
-            let err = shared.die(LegError::Lost("connection closed".into()));
-            shared.finish(entry, Err(err));
-            break (String::new(), End::GaveUp);
+        });
+        if let Err(stop) = burst {
+            break stop;
         }
-        if error == 0 && entry.cmd == proto::CMD_READ {
-            match recv_exact_iov(&shared, &mut scratch, &entry.bufs) {
-                Ok(()) => {}
-                Err(Recv::Dead) => {
-                    // Given up on in the middle of the payload: the rest of it is discarded
-                    // while lingering, never written to the buffers of a failed request.
-                    let err = shared.die(LegError::Lost("connection closed".into()));
-                    shared.finish(entry, Err(err));
-                    break (String::new(), End::GaveUp);
-                }
-                Err(Recv::Io(e)) => {
-                    let why = describe_recv_error(&e, " in the middle of a read payload");
-                    let err = shared.die(LegError::Lost(why));
-                    shared.finish(entry, Err(err));
-                    break (String::new(), End::Closed);
-                }
-            }
-        }
-        let result = if error == 0 {
-            Ok(())
-        } else {
-            Err(LegError::Io(nbd_errno(error)))
-        };
-        shared.finish(entry, result);
     };
     shared.die(LegError::Lost(why));
     shared.drain();
@@ -1514,6 +1474,69 @@ fn reader_main(shared: Arc<Shared>) {
             }
         },
     }
+}
+
+/// Receives and completes one reply. Err says why the connection is over.
+fn one_reply(
+    shared: &Shared,
+    replies: &mut ReplyBuffer,
+    scratch: &mut Vec<libc::iovec>,
+) -> Result<(), (String, End)> {
+    let hdr = match replies.header(shared) {
+        Ok(h) => h,
+        Err(Recv::Dead) => return Err((String::new(), End::GaveUp)),
+        Err(Recv::Io(e)) => return Err((describe_recv_error(&e, ""), End::Closed)),
+    };
+    let magic = be_u32(&hdr[0..4]);
+    let error = be_u32(&hdr[4..8]);
+    let handle = be_u64(&hdr[8..16]);
+    if magic != proto::SIMPLE_REPLY_MAGIC {
+        return Err((
+            format!("bad reply magic {magic:#010x} (protocol violation)"),
+            End::Violation,
+        ));
+    }
+    let Some((entry, sent)) = shared.take_entry(handle) else {
+        if !shared.alive.load(Ordering::Acquire) {
+            // The leg died between the header and the lookup; the entry was never ours.
+            return Err((String::new(), End::GaveUp));
+        }
+        return Err((
+            format!("reply with unknown handle {handle:#018x} (protocol violation)"),
+            End::Violation,
+        ));
+    };
+    if entry.cmd == proto::CMD_WRITE && !sent && !shared.wait_sent(handle) {
+        // The server answered a write we had not finished sending and then the leg died.
+        let err = shared.die(LegError::Lost("connection closed".into()));
+        shared.finish(entry, Err(err));
+        return Err((String::new(), End::GaveUp));
+    }
+    if error == 0 && entry.cmd == proto::CMD_READ {
+        match replies.payload(shared, scratch, &entry.bufs) {
+            Ok(()) => {}
+            Err(Recv::Dead) => {
+                // Given up on in the middle of the payload: the rest of it is discarded
+                // while lingering, never written to the buffers of a failed request.
+                let err = shared.die(LegError::Lost("connection closed".into()));
+                shared.finish(entry, Err(err));
+                return Err((String::new(), End::GaveUp));
+            }
+            Err(Recv::Io(e)) => {
+                let why = describe_recv_error(&e, " in the middle of a read payload");
+                let err = shared.die(LegError::Lost(why));
+                shared.finish(entry, Err(err));
+                return Err((String::new(), End::Closed));
+            }
+        }
+    }
+    let result = if error == 0 {
+        Ok(())
+    } else {
+        Err(LegError::Io(nbd_errno(error)))
+    };
+    shared.finish(entry, result);
+    Ok(())
 }
 
 /// Why the reader's loop ended.
@@ -1596,71 +1619,160 @@ fn describe_recv_error(e: &io::Error, context: &str) -> String {
     }
 }
 
-/// Reads exactly `buf.len()` bytes from the socket, unless the leg dies first.
-fn recv_exact(shared: &Shared, buf: &mut [u8]) -> Result<(), Recv> {
-    let fd = shared.fd.as_raw_fd();
-    let mut off = 0;
-    while off < buf.len() {
-        if !shared.alive.load(Ordering::Acquire) {
-            return Err(Recv::Dead);
-        }
-        let rest = &mut buf[off..];
-        // SAFETY: `rest` is a live, exclusively borrowed buffer of `rest.len()` bytes.
-        let n = unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
-        match n {
-            0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::WouldBlock => shared.wait_readable(None).map_err(Recv::Io)?,
-                    _ => return Err(Recv::Io(e)),
-                }
-            }
-            n => off += n as usize,
-        }
-    }
-    Ok(())
+/// Bytes the reader takes from the socket per `recv` while it waits for a reply header: room for
+/// the replies to a queue depth of writes (16 bytes each) and for part of a read's payload.
+const REPLY_BUFFER_LEN: usize = 4096;
+
+/// The reader's receive buffer. Replies to writes are 16 bytes each and arrive in bursts at
+/// queue depth; one `recv` per reply header made a system call per request on the leg. The
+/// buffer takes whatever has arrived in one call. A read's payload still goes straight to the
+/// caller's buffers: what the buffer already holds of it is copied, the rest is received by a
+/// `recvmsg` whose last iovec is the buffer again, so what follows the payload arrives in the
+/// same call.
+struct ReplyBuffer {
+    buf: Box<[u8]>,
+    /// The unconsumed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
 }
 
-/// Reads exactly `bufs.total_len()` bytes from the socket into `bufs`, unless the leg dies
-/// first.
-fn recv_exact_iov(
-    shared: &Shared,
-    scratch: &mut Vec<libc::iovec>,
-    bufs: &Buffers,
-) -> Result<(), Recv> {
-    let fd = shared.fd.as_raw_fd();
-    scratch.clear();
-    scratch.extend(bufs.as_raw().iter().filter(|s| s.iov_len > 0));
-    let mut start = 0;
-    while start < scratch.len() {
-        if !shared.alive.load(Ordering::Acquire) {
-            return Err(Recv::Dead);
-        }
-        let cnt = (scratch.len() - start).min(IOV_MAX);
-        // SAFETY: all-zero is a valid msghdr (null name and control, no flags).
-        let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-        mh.msg_iov = scratch[start..].as_mut_ptr();
-        mh.msg_iovlen = cnt as _;
-        // SAFETY: the iovecs are the read buffers of a request whose entry the reader removed
-        // from the map and has not completed yet; `Buffers::push` obliges the submitter to keep
-        // them valid for writes until then, and nothing else writes them meanwhile.
-        let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_DONTWAIT) };
-        match n {
-            0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
-            n if n < 0 => {
-                let e = io::Error::last_os_error();
-                match e.kind() {
-                    io::ErrorKind::Interrupted => {}
-                    io::ErrorKind::WouldBlock => shared.wait_readable(None).map_err(Recv::Io)?,
-                    _ => return Err(Recv::Io(e)),
-                }
-            }
-            n => advance(scratch, &mut start, n as usize),
+impl ReplyBuffer {
+    fn new() -> Self {
+        ReplyBuffer {
+            buf: vec![0; REPLY_BUFFER_LEN].into_boxed_slice(),
+            start: 0,
+            end: 0,
         }
     }
-    Ok(())
+
+    /// Whether a whole reply header has arrived already.
+    fn has_header(&self) -> bool {
+        self.end - self.start >= proto::REPLY_LEN
+    }
+
+    /// The next reply header, unless the leg dies first. Replies already received but not yet
+    /// consumed are not handed out once the leg is dead: the reader's drain fails them.
+    fn header(&mut self, shared: &Shared) -> Result<[u8; proto::REPLY_LEN], Recv> {
+        let fd = shared.fd.as_raw_fd();
+        loop {
+            if !shared.alive.load(Ordering::Acquire) {
+                return Err(Recv::Dead);
+            }
+            if self.has_header() {
+                break;
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            let rest = &mut self.buf[self.end..];
+            // SAFETY: `rest` is a live, exclusively borrowed buffer of `rest.len()` bytes.
+            let n =
+                unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
+            match n {
+                0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => {
+                            shared.wait_readable(None).map_err(Recv::Io)?
+                        }
+                        _ => return Err(Recv::Io(e)),
+                    }
+                }
+                n => self.end += n as usize,
+            }
+        }
+        let mut hdr = [0u8; proto::REPLY_LEN];
+        hdr.copy_from_slice(&self.buf[self.start..self.start + proto::REPLY_LEN]);
+        self.start += proto::REPLY_LEN;
+        Ok(hdr)
+    }
+
+    /// Fills `bufs` with the next `bufs.total_len()` bytes of the stream, unless the leg dies
+    /// first.
+    fn payload(
+        &mut self,
+        shared: &Shared,
+        scratch: &mut Vec<libc::iovec>,
+        bufs: &Buffers,
+    ) -> Result<(), Recv> {
+        let fd = shared.fd.as_raw_fd();
+        scratch.clear();
+        scratch.extend(bufs.as_raw().iter().filter(|s| s.iov_len > 0));
+        let mut start = 0;
+        while start < scratch.len() && self.start < self.end {
+            let iov = scratch[start];
+            let n = iov.iov_len.min(self.end - self.start);
+            // SAFETY: the destination is a read buffer of a request whose entry the reader
+            // removed from the map and has not completed yet; `Buffers::push` obliges the
+            // submitter to keep it valid for writes of `iov_len` bytes until then, and nothing
+            // else writes it meanwhile. The source is our own buffer, which it cannot overlap.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.buf.as_ptr().add(self.start),
+                    iov.iov_base.cast::<u8>(),
+                    n,
+                )
+            };
+            self.start += n;
+            advance(scratch, &mut start, n);
+        }
+        let mut left: usize = scratch[start..].iter().map(|v| v.iov_len).sum();
+        if left == 0 {
+            return Ok(());
+        }
+        // The buffer is empty: the payload took all of it.
+        self.start = 0;
+        self.end = 0;
+        let payload_iovs = scratch.len();
+        scratch.push(libc::iovec {
+            iov_base: self.buf.as_mut_ptr().cast(),
+            iov_len: self.buf.len(),
+        });
+        while left > 0 {
+            if !shared.alive.load(Ordering::Acquire) {
+                return Err(Recv::Dead);
+            }
+            // With more payload iovecs than IOV_MAX the buffer joins only the last call, so a
+            // call never receives more than the payload's rest before it.
+            let cnt = (scratch.len() - start).min(IOV_MAX);
+            // SAFETY: all-zero is a valid msghdr (null name and control, no flags).
+            let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
+            mh.msg_iov = scratch[start..].as_mut_ptr();
+            mh.msg_iovlen = cnt as _;
+            // SAFETY: the iovecs before `payload_iovs` are the read buffers of a request whose
+            // entry the reader removed from the map and has not completed yet (see the copy
+            // above); the last one is our own buffer, exclusively borrowed here.
+            let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_DONTWAIT) };
+            match n {
+                0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
+                n if n < 0 => {
+                    let e = io::Error::last_os_error();
+                    match e.kind() {
+                        io::ErrorKind::Interrupted => {}
+                        io::ErrorKind::WouldBlock => {
+                            shared.wait_readable(None).map_err(Recv::Io)?
+                        }
+                        _ => return Err(Recv::Io(e)),
+                    }
+                }
+                n => {
+                    let n = n as usize;
+                    if n >= left {
+                        self.end = n - left;
+                        left = 0;
+                    } else {
+                        advance(&mut scratch[..payload_iovs], &mut start, n);
+                        left -= n;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2400,6 +2512,53 @@ mod tests {
 
     /// Inside a batch, commands wait for its end and then leave together: nothing reaches the
     /// server before, everything completes after.
+    /// Replies arrive many to a `recv`: headers, short read payloads and the start of long
+    /// ones land in the reader's buffer and are copied out, the rest of a payload goes straight
+    /// to the request's buffers with the next replies behind it, also past `IOV_MAX` segments.
+    #[test]
+    fn buffered_replies_and_split_payloads_read_back() {
+        let k = Nbdkit::unix(&["memory", "64M"]);
+        let (leg, rx) = open(&k.address);
+        const SPAN: usize = 4 << 20;
+        let mut image = pattern(11, 0, SPAN);
+        submit(&leg, 0, write(0, bufs(&mut image, &[SPAN]), false));
+        assert_eq!(one(&rx, 0), Ok(()));
+
+        // Lengths from one sector to 20 KiB, and one read of 2000 16-byte segments.
+        let mut lens: Vec<usize> = (0..120).map(|i| 512 * (1 + (i * 7) % 40)).collect();
+        lens.insert(60, 2000 * 16);
+        let mut rbufs: Vec<Vec<u8>> = lens.iter().map(|&l| vec![0u8; l]).collect();
+        let mut offsets = Vec::new();
+        crate::batch::run(|| {
+            for (i, r) in rbufs.iter_mut().enumerate() {
+                let len = r.len();
+                let off = (i * 37 * 512) % (SPAN - len);
+                let off = off - off % 512;
+                offsets.push(off);
+                let sizes: Vec<usize> = if len == 2000 * 16 {
+                    vec![16; 2000]
+                } else {
+                    // Uneven segments, so copies out of the buffer end mid-segment.
+                    vec![len / 3, len - len / 3]
+                };
+                submit(&leg, 10 + i as Tag, read(off as u64, bufs(r, &sizes)));
+            }
+        });
+        for (tag, r) in collect(&rx, lens.len(), Duration::from_secs(20)) {
+            assert_eq!(r, Ok(()), "read {tag}");
+        }
+        for (i, r) in rbufs.iter().enumerate() {
+            let off = offsets[i];
+            assert!(
+                r[..] == image[off..off + r.len()],
+                "read {i} ({} bytes at {off}) returned different data",
+                r.len()
+            );
+        }
+        assert_quiet(&rx, Duration::from_millis(50));
+        assert!(leg.is_alive());
+    }
+
     #[test]
     fn commands_of_a_batch_leave_at_its_end() {
         let k = Nbdkit::unix(&["memory", "64M"]);
