@@ -71,6 +71,8 @@ usage: cargo run --release --example bench -- [options]
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
   --keep            keep the scratch directory (images, daemon logs) at the end
+  --mirror-only     measure vhost-mirror alone (no qsd targets, so no ratios): for profiling
+                    the daemon over a whole run, e.g. with perf stat -p
   --daemon PATH     the vhost-mirror binary to run (default: ../vhost-mirror beside this
                     bench, i.e. target/release/vhost-mirror); for A/B runs of two builds
   --io-timeout MS   pass --io-timeout MS to every vhost-mirror daemon (default: its own, 1000)
@@ -88,6 +90,8 @@ struct Opts {
     sections: Vec<String>,
     rss_seconds: f64,
     keep: bool,
+    /// Leave out the qsd targets.
+    mirror_only: bool,
     /// `--io-timeout` for every vhost-mirror daemon (default: the daemon's own).
     io_timeout: Option<u64>,
     /// Rounds per workload; the targets take turns round by round.
@@ -110,6 +114,7 @@ fn parse_args() -> Opts {
         sections: Vec::new(),
         rss_seconds: 20.0,
         keep: false,
+        mirror_only: false,
         io_timeout: None,
         rounds: 3,
         workloads: None,
@@ -136,6 +141,7 @@ fn parse_args() -> Opts {
             "--size" => o.size = num(args.next(), "--size") as u64 * MIB,
             "--quick" => o.quick = true,
             "--keep" => o.keep = true,
+            "--mirror-only" => o.mirror_only = true,
             "--daemon" => {
                 let p = PathBuf::from(
                     args.next()
@@ -780,6 +786,8 @@ struct CpuCost {
     client: f64,
     /// The daemon's context switches per request.
     switches: f64,
+    /// Requests completed over the rounds, warm-up included.
+    requests: u64,
 }
 
 /// CPU time summed over rounds, and the requests completed in them.
@@ -803,6 +811,7 @@ impl CpuAcc {
             servers: us(self.servers),
             client: us(self.client),
             switches: self.switches as f64 / self.requests as f64,
+            requests: self.requests,
         })
     }
 }
@@ -998,7 +1007,10 @@ fn workloads(quick: bool) -> Vec<Workload> {
 }
 
 /// Runs every workload on every target, back to back; prints each row as it comes.
-fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
+fn measure(opts: &Opts, targets: &mut Vec<Target>, ws_limit: u64) -> Vec<Row> {
+    if opts.mirror_only {
+        targets.retain(|t| t.mirror);
+    }
     let mut clients: Vec<Client> = targets.iter_mut().map(Client::connect).collect();
     let cap = clients.iter().map(|c| c.capacity).min().unwrap_or(0);
     let ws = cap.min(ws_limit) / SLOT as u64 * SLOT as u64;
@@ -1066,8 +1078,8 @@ fn measure(opts: &Opts, targets: &mut [Target], ws_limit: u64) -> Vec<Row> {
             let cpu = cpu.per_request();
             let cpu_note = cpu.map_or(String::new(), |c| {
                 format!(
-                    "  cpu/req {:.2}+{:.2}+{:.2} µs, daemon {:.2} switches/req",
-                    c.daemon, c.servers, c.client, c.switches
+                    "  cpu/req {:.2}+{:.2}+{:.2} µs, daemon {:.2} switches/req over {} requests",
+                    c.daemon, c.servers, c.client, c.switches, c.requests
                 )
             });
             if errors > 0 {

@@ -111,6 +111,66 @@ fn resync_copies_only_dirty_chunks() {
     assert_eq!(&b[5 << 20..(5 << 20) + 4096], &pattern(5, 4096)[..]);
 }
 
+/// A chunk that reads back all zeros on the source reaches the returning leg as write-zeroes,
+/// not as a megabyte of payload, and still overwrites the stale data the leg held there.
+#[test]
+fn zero_chunks_resync_as_write_zeroes() {
+    let dir = TempDir::new("zero-log");
+    let log = dir.path("leg1.log");
+    let logfile = format!("logfile={}", log.display());
+    let mut r = Rig::start("zero", [&[], &["log"]], [&[], &[&logfile]], &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    // Chunks 2, 3 and 4 (1 MiB each) hold data on both legs.
+    for chunk in [2u64, 3, 4] {
+        for b in 0..256u64 {
+            let off = (chunk << 20) + b * 4096;
+            assert_eq!(c.write(off, &pattern(chunk * 1000 + b, 4096)), 0);
+        }
+    }
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    // While leg 1 is away the guest zeroes chunk 3 with ordinary writes and rewrites a block
+    // of chunk 4.
+    for b in 0..256u64 {
+        assert_eq!(c.write((3 << 20) + b * 4096, &[0u8; 4096]), 0);
+    }
+    assert_eq!(c.write(4 << 20, &pattern(77, 4096)), 0);
+    // The restarted server starts a new log (the filter truncates it): the resync's commands.
+    r.legs[1].restart();
+    assert_eq!(
+        ctl(&r.daemon.control, r#"{"cmd":"re-add","leg":1}"#)["ok"],
+        true
+    );
+    r.wait_leg(1, "uptodate", Duration::from_secs(20));
+    let resync_log = std::fs::read_to_string(&log).unwrap();
+    let zeroes: Vec<&str> = resync_log
+        .lines()
+        .filter(|l| l.contains(" Zero ") && l.contains("offset=0x300000"))
+        .collect();
+    let writes_3: Vec<&str> = resync_log
+        .lines()
+        .filter(|l| l.contains(" Write ") && l.contains("offset=0x300000"))
+        .collect();
+    let writes_4 = resync_log
+        .lines()
+        .filter(|l| l.contains(" Write ") && l.contains("offset=0x400000"))
+        .count();
+    assert!(!zeroes.is_empty() && writes_3.is_empty(), "{resync_log}");
+    assert!(
+        writes_4 > 0,
+        "chunk 4 holds data and is written: {resync_log}"
+    );
+    drop(c);
+    r.daemon.terminate();
+    let (a, b) = (r.image(0), r.image(1));
+    assert!(
+        b[3 << 20..4 << 20].iter().all(|&x| x == 0),
+        "leg 1 kept stale data in the zeroed chunk"
+    );
+    let end = (DISK - 3 * 4096) as usize;
+    assert!(a[..end] == b[..end], "legs differ after resync");
+}
+
 /// Guest writes while a slow resync copies chunks survive it: nothing older lands over them.
 #[test]
 fn guest_writes_during_resync_survive() {
