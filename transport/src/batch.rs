@@ -7,7 +7,8 @@
 //! batch instead of one per request. Outside a batch, [`at_end`] runs the work at once.
 //!
 //! Everything is per thread, so a batch never delays another thread's completions, and a batch
-//! ends before its thread goes back to sleep.
+//! ends before its thread goes back to sleep; a thread that must wait inside one first runs what
+//! it holds with [`run_pending`].
 //!
 //! Submissions use the same mark: an NBD leg sends the commands submitted inside a batch together
 //! when it ends (one `sendmsg` per leg for a whole pass over a queue). So nothing inside a batch
@@ -44,6 +45,15 @@ pub fn run<R>(f: impl FnOnce() -> R) -> R {
 /// Whether this thread is inside a batch.
 pub fn active() -> bool {
     DEPTH.with(|d| d.get() > 0)
+}
+
+/// Runs the work left with [`at_end`] so far without ending the batch. For a thread about to
+/// wait inside a batch (a reader waiting for the rest of a payload): what it finished before
+/// must not wait with it. Outside a batch there is nothing to run.
+pub fn run_pending() {
+    if active() {
+        flush();
+    }
 }
 
 /// Runs `hook` when this thread's batch ends (once, however often it is registered during the
@@ -102,6 +112,21 @@ mod tests {
         });
         assert!(!active());
         assert_eq!(RAN.with(Cell::get), 1);
+    }
+
+    #[test]
+    fn run_pending_runs_the_hooks_so_far_and_the_batch_goes_on() {
+        RAN.with(|r| r.set(0));
+        run(|| {
+            at_end(count);
+            run_pending();
+            assert_eq!(RAN.with(Cell::get), 1);
+            assert!(active());
+            at_end(count);
+        });
+        assert_eq!(RAN.with(Cell::get), 2);
+        run_pending();
+        assert_eq!(RAN.with(Cell::get), 2);
     }
 
     #[test]

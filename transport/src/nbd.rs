@@ -861,6 +861,10 @@ impl Shared {
     /// Waits until the write with `handle` has left the sender completely. False if the leg died
     /// first; the sender is then out of its batch and will not touch the buffers again.
     fn wait_sent(&self, handle: u64) -> bool {
+        // About to wait inside the reader's batch: what it finished so far goes out first,
+        // including commands it queued (a server answering a command before it was sent
+        // would otherwise wait for our own batch's end).
+        crate::batch::run_pending();
         let mut st = self.lock();
         loop {
             if st.sent_upto > handle {
@@ -1438,13 +1442,18 @@ fn reader_main(shared: Arc<Shared>) {
     let mut scratch: Vec<libc::iovec> = Vec::new();
     let (why, end) = loop {
         // The replies that arrived together are completed as one batch: their answers reach
-        // the guest under one lock of its queue and with one notification. The batch ends
-        // before the reader waits for the socket again.
-        let burst = crate::batch::run(|| loop {
-            one_reply(&shared, &mut replies, &mut scratch)?;
-            if !replies.has_header() {
-                return Ok(());
+        // the guest under one lock of its queue and with one notification. Whatever the batch
+        // holds is released before the reader waits inside it (the rest of a payload, a
+        // write's publication), and a long stream of replies is cut into bursts, so a
+        // completed request never waits for the socket.
+        let burst = crate::batch::run(|| {
+            for _ in 0..MAX_BURST {
+                one_reply(&shared, &mut replies, &mut scratch)?;
+                if !replies.has_header() {
+                    break;
+                }
             }
+            Ok(())
         });
         if let Err(stop) = burst {
             break stop;
@@ -1619,6 +1628,9 @@ fn describe_recv_error(e: &io::Error, context: &str) -> String {
     }
 }
 
+/// Most replies the reader completes in one batch.
+const MAX_BURST: usize = 64;
+
 /// Bytes the reader takes from the socket per `recv` while it waits for a reply header: room for
 /// the replies to a queue depth of writes (16 bytes each) and for part of a read's payload.
 const REPLY_BUFFER_LEN: usize = 4096;
@@ -1677,6 +1689,7 @@ impl ReplyBuffer {
                     match e.kind() {
                         io::ErrorKind::Interrupted => {}
                         io::ErrorKind::WouldBlock => {
+                            crate::batch::run_pending();
                             shared.wait_readable(None).map_err(Recv::Io)?
                         }
                         _ => return Err(Recv::Io(e)),
@@ -1709,7 +1722,9 @@ impl ReplyBuffer {
             // SAFETY: the destination is a read buffer of a request whose entry the reader
             // removed from the map and has not completed yet; `Buffers::push` obliges the
             // submitter to keep it valid for writes of `iov_len` bytes until then, and nothing
-            // else writes it meanwhile. The source is our own buffer, which it cannot overlap.
+            // else writes it meanwhile. The source, `buf[start..start + n]`, lies inside our
+            // own buffer (`n <= end - start`, `end <= buf.len()`), which the destination
+            // cannot overlap.
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     self.buf.as_ptr().add(self.start),
@@ -1754,6 +1769,7 @@ impl ReplyBuffer {
                     match e.kind() {
                         io::ErrorKind::Interrupted => {}
                         io::ErrorKind::WouldBlock => {
+                            crate::batch::run_pending();
                             shared.wait_readable(None).map_err(Recv::Io)?
                         }
                         _ => return Err(Recv::Io(e)),
@@ -2510,8 +2526,6 @@ mod tests {
         assert!(leg.is_alive());
     }
 
-    /// Inside a batch, commands wait for its end and then leave together: nothing reaches the
-    /// server before, everything completes after.
     /// Replies arrive many to a `recv`: headers, short read payloads and the start of long
     /// ones land in the reader's buffer and are copied out, the rest of a payload goes straight
     /// to the request's buffers with the next replies behind it, also past `IOV_MAX` segments.
@@ -2559,6 +2573,8 @@ mod tests {
         assert!(leg.is_alive());
     }
 
+    /// Inside a batch, commands wait for its end and then leave together: nothing reaches the
+    /// server before, everything completes after.
     #[test]
     fn commands_of_a_batch_leave_at_its_end() {
         let k = Nbdkit::unix(&["memory", "64M"]);
@@ -3256,6 +3272,85 @@ mod tests {
         drop(leg);
         server.join().expect("server");
         assert!(b.iter().all(|&x| x == 0x11));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Hands completions on at the end of the completing thread's batch, as the block
+    /// backend does with its answers to the guest.
+    struct DeferringSink;
+
+    static DEFERRED_TX: Mutex<Option<Sender<Completion>>> = Mutex::new(None);
+
+    thread_local! {
+        static DEFERRED: RefCell<Vec<Completion>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn pass_deferred() {
+        let done = DEFERRED.with(|d| std::mem::take(&mut *d.borrow_mut()));
+        if let Some(tx) = DEFERRED_TX.lock().unwrap().as_ref() {
+            for c in done {
+                let _ = tx.send(c);
+            }
+        }
+    }
+
+    impl CompletionSink for DeferringSink {
+        fn complete(&self, tag: Tag, result: Result<(), LegError>) {
+            DEFERRED.with(|d| d.borrow_mut().push((tag, result)));
+            crate::batch::at_end(pass_deferred);
+        }
+    }
+
+    /// A reply the reader has finished is handed on before the reader waits for the rest of
+    /// the next reply's payload, not when that payload is complete.
+    #[test]
+    fn finished_replies_do_not_wait_for_a_stalled_payload() {
+        let (go_tx, go_rx) = crossbeam_channel::bounded::<()>(1);
+        let (addr, dir, server) = fake_server(move |mut f| {
+            f.go(1 << 20, 0, None);
+            let (r1, r2) = (f.read_req(), f.read_req());
+            // An error for the first read and the start of the second's payload, together.
+            let mut burst = proto::SIMPLE_REPLY_MAGIC.to_be_bytes().to_vec();
+            burst.extend_from_slice(&5u32.to_be_bytes());
+            burst.extend_from_slice(&r1.handle.to_be_bytes());
+            burst.extend_from_slice(&proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
+            burst.extend_from_slice(&0u32.to_be_bytes());
+            burst.extend_from_slice(&r2.handle.to_be_bytes());
+            burst.extend_from_slice(&[0xab; 100]);
+            f.0.write_all(&burst).unwrap();
+            let _ = go_rx.recv_timeout(Duration::from_secs(10));
+            f.0.write_all(&[0xab; 4096 - 100]).unwrap();
+            let mut rest = Vec::new();
+            let _ = f.0.read_to_end(&mut rest);
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        *DEFERRED_TX.lock().unwrap() = Some(tx);
+        let uri = format!("nbd+unix:///?socket={}", dir.join("fake.sock").display());
+        let leg = NbdLeg::connect(
+            uri,
+            &addr,
+            "",
+            &OpenOptions::default(),
+            Arc::new(DeferringSink),
+        )
+        .expect("connect");
+        let (mut b1, mut b2) = (vec![0u8; 4096], vec![0u8; 4096]);
+        crate::batch::run(|| {
+            submit(&leg, 1, read(0, bufs(&mut b1, &[])));
+            submit(&leg, 2, read(4096, bufs(&mut b2, &[])));
+        });
+        let first = rx.recv_timeout(Duration::from_secs(3));
+        go_tx.send(()).unwrap();
+        assert_eq!(
+            first.ok(),
+            Some((1, Err(LegError::Io(libc::EIO)))),
+            "the failed read waited for the other read's payload"
+        );
+        assert_eq!(one(&rx, 2), Ok(()));
+        assert!(b2.iter().all(|&x| x == 0xab));
+        drop(leg);
+        server.join().expect("server");
+        *DEFERRED_TX.lock().unwrap() = None;
         let _ = std::fs::remove_dir_all(dir);
     }
 
