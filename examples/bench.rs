@@ -71,8 +71,9 @@ usage: cargo run --release --example bench -- [options]
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
   --keep            keep the scratch directory (images, daemon logs) at the end
-  --mirror-only     measure vhost-mirror alone (no qsd targets, so no ratios): for profiling
-                    the daemon over a whole run, e.g. with perf stat -p
+  --mirror-only     measure only vhost-mirror in the sections' rounds (the qsd targets are
+                    started but not measured, so no ratios): for profiling the daemon over a
+                    whole run, e.g. with perf stat -p
   --daemon PATH     the vhost-mirror binary to run (default: ../vhost-mirror beside this
                     bench, i.e. target/release/vhost-mirror); for A/B runs of two builds
   --io-timeout MS   pass --io-timeout MS to every vhost-mirror daemon (default: its own, 1000)
@@ -745,7 +746,8 @@ fn proc_cpu(pid: u32) -> Duration {
 
 /// Voluntary and involuntary context switches of a process's live threads, from
 /// `/proc/PID/task/*/status`; zero if it is gone. Every wake-up of a sleeping thread is one,
-/// and unlike CPU time the count hardly moves with the host's noise.
+/// and unlike CPU time the count hardly moves with the host's noise. A thread that exits
+/// between two samples takes its count with it; the daemon's threads live as long as it.
 fn proc_switches(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;

@@ -144,8 +144,12 @@ pub fn render_resync(r: &Value) -> String {
     let (done, total) = (n("done_bytes"), n("total_bytes").max(1));
     let width = 30;
     let filled = (done * width / total).min(width) as usize;
+    let zeros = match n("zeroed_bytes") {
+        0 => String::new(),
+        z => format!(", {} of it zeros", human_bytes(z)),
+    };
     format!(
-        "resync leg {} [{}{}] {} of {} ({}%), {}/s{}",
+        "resync leg {} [{}{}] {} of {} ({}%), {}/s{zeros}{}",
         n("leg"),
         "=".repeat(filled),
         " ".repeat(width as usize - filled),
@@ -260,6 +264,11 @@ mod tests {
         assert!(line.contains("resync leg 1"), "{line}");
         assert!(line.contains("(25%)"), "{line}");
         assert!(line.ends_with(" (yielding to guest I/O)"), "{line}");
+        assert!(!line.contains("zeros"), "{line}");
+        let z = json!({"leg": 1, "done_bytes": 2 << 20, "zeroed_bytes": 1 << 20,
+                       "total_bytes": 4 << 20, "rate": 1 << 20});
+        let line = render_resync(&z);
+        assert!(line.contains("/s, 1.0 MiB of it zeros"), "{line}");
         let paused = json!({"leg": 0, "done_bytes": 0, "total_bytes": 1, "paused": true,
                             "yielding": true});
         assert!(render_resync(&paused).ends_with(" (paused)"));

@@ -111,14 +111,17 @@ fn resync_copies_only_dirty_chunks() {
     assert_eq!(&b[5 << 20..(5 << 20) + 4096], &pattern(5, 4096)[..]);
 }
 
-/// A chunk that reads back all zeros on the source reaches the returning leg as write-zeroes,
-/// not as a megabyte of payload, and still overwrites the stale data the leg held there.
-#[test]
-fn zero_chunks_resync_as_write_zeroes() {
-    let dir = TempDir::new("zero-log");
-    let log = dir.path("leg1.log");
+/// Leg 1 (its nbdkit with `filters`/`params` besides a log) is away while the guest zeroes
+/// chunk 3 with ordinary writes and rewrites a block of chunk 4; it returns and is resynced.
+/// Checks that the legs match and chunk 3 holds no stale data on leg 1, and returns leg 1's
+/// command log of the resync and the daemon's log.
+fn resync_a_zeroed_chunk(name: &str, filters: &[&str], params: &[&str]) -> (String, String) {
+    let logs = TempDir::new(&format!("{name}-log"));
+    let log = logs.path("leg1.log");
     let logfile = format!("logfile={}", log.display());
-    let mut r = Rig::start("zero", [&[], &["log"]], [&[], &[&logfile]], &[]);
+    let filters: Vec<&str> = ["log"].iter().chain(filters).copied().collect();
+    let params: Vec<&str> = [logfile.as_str()].iter().chain(params).copied().collect();
+    let mut r = Rig::start(name, [&[], &filters], [&[], &params], &[]);
     let mut c = Client::connect(&r.daemon.socket, 4);
     // Chunks 2, 3 and 4 (1 MiB each) hold data on both legs.
     for chunk in [2u64, 3, 4] {
@@ -129,8 +132,6 @@ fn zero_chunks_resync_as_write_zeroes() {
     }
     r.legs[1].kill();
     r.wait_leg(1, "failed", Duration::from_secs(5));
-    // While leg 1 is away the guest zeroes chunk 3 with ordinary writes and rewrites a block
-    // of chunk 4.
     for b in 0..256u64 {
         assert_eq!(c.write((3 << 20) + b * 4096, &[0u8; 4096]), 0);
     }
@@ -143,23 +144,7 @@ fn zero_chunks_resync_as_write_zeroes() {
     );
     r.wait_leg(1, "uptodate", Duration::from_secs(20));
     let resync_log = std::fs::read_to_string(&log).unwrap();
-    let zeroes: Vec<&str> = resync_log
-        .lines()
-        .filter(|l| l.contains(" Zero ") && l.contains("offset=0x300000"))
-        .collect();
-    let writes_3: Vec<&str> = resync_log
-        .lines()
-        .filter(|l| l.contains(" Write ") && l.contains("offset=0x300000"))
-        .collect();
-    let writes_4 = resync_log
-        .lines()
-        .filter(|l| l.contains(" Write ") && l.contains("offset=0x400000"))
-        .count();
-    assert!(!zeroes.is_empty() && writes_3.is_empty(), "{resync_log}");
-    assert!(
-        writes_4 > 0,
-        "chunk 4 holds data and is written: {resync_log}"
-    );
+    let daemon_log = r.daemon.log_text();
     drop(c);
     r.daemon.terminate();
     let (a, b) = (r.image(0), r.image(1));
@@ -169,6 +154,49 @@ fn zero_chunks_resync_as_write_zeroes() {
     );
     let end = (DISK - 3 * 4096) as usize;
     assert!(a[..end] == b[..end], "legs differ after resync");
+    (resync_log, daemon_log)
+}
+
+/// Leg 1's logged commands of `kind` ("Write", "Zero") at `offset`.
+fn logged(log: &str, kind: &str, offset: u64) -> Vec<String> {
+    let at = format!("offset={offset:#x} ");
+    log.lines()
+        .filter(|l| l.contains(&format!(" {kind} ")) && l.contains(&at))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A chunk that reads back all zeros on the source reaches the returning leg as write-zeroes,
+/// not as a megabyte of payload, and still overwrites the stale data the leg held there.
+#[test]
+fn zero_chunks_resync_as_write_zeroes() {
+    let (log, daemon_log) = resync_a_zeroed_chunk("zero", &[], &[]);
+    let zeroes = logged(&log, "Zero", 3 << 20);
+    assert!(!zeroes.is_empty(), "{log}");
+    // Not may_unmap: a preallocated leg stays allocated.
+    assert!(zeroes.iter().all(|l| l.contains(" trim=0 ")), "{zeroes:?}");
+    assert!(logged(&log, "Write", 3 << 20).is_empty(), "{log}");
+    assert!(
+        !logged(&log, "Write", 4 << 20).is_empty(),
+        "chunk 4 holds data and is written: {log}"
+    );
+    assert!(
+        daemon_log.contains("(1048576 of them zeros, sent as write-zeroes)"),
+        "{daemon_log}"
+    );
+}
+
+/// A leg that offers write-zeroes and fails it still gets resynced: the zeros go as data.
+#[test]
+fn failing_write_zeroes_falls_back_to_data() {
+    let (log, daemon_log) = resync_a_zeroed_chunk("zero-fails", &["error"], &["error-zero-rate=1"]);
+    assert!(!logged(&log, "Zero", 3 << 20).is_empty(), "{log}");
+    assert!(!logged(&log, "Write", 3 << 20).is_empty(), "{log}");
+    assert!(
+        daemon_log.contains("write-zeroes of chunk 3 failed") && daemon_log.contains("as data"),
+        "{daemon_log}"
+    );
+    assert!(!daemon_log.contains("of them zeros"), "{daemon_log}");
 }
 
 /// Guest writes while a slow resync copies chunks survive it: nothing older lands over them.

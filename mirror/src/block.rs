@@ -1317,7 +1317,14 @@ impl<C: Send + 'static> Inner<C> {
                     continue;
                 }
                 let age = now.saturating_sub(e.sent_at);
-                if e.op.waits_for_write_back() {
+                // The mirror's own write-zeroes is a resync chunk of zeros: it stands for that
+                // chunk's write, and guest writes to the chunk wait for it, so it is timed as
+                // the write it replaces.
+                let chunk_of_zeros = matches!(
+                    (&e.origin, &e.op),
+                    (Origin::Internal(_), LegOp::WriteZeroes { .. })
+                );
+                if e.op.waits_for_write_back() && !chunk_of_zeros {
                     if age > slow_timeout {
                         late_slow |= e.outstanding;
                     }

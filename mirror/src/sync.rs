@@ -51,6 +51,8 @@ pub(crate) enum Cmd {
 pub struct ResyncStatus {
     pub leg: usize,
     pub done_bytes: u64,
+    /// Of `done_bytes`, chunks of zeros sent to the target as write-zeroes.
+    pub zeroed_bytes: u64,
     pub total_bytes: u64,
     /// Bytes per second over the resync so far.
     pub rate: u64,
@@ -745,7 +747,7 @@ fn io_done(rx: &Receiver<InternalResult>) -> Option<InternalResult> {
 }
 
 /// Starts writing the first `len` bytes of `buf` (whose read has completed) as chunk `c` of
-/// leg `dst`.
+/// leg `dst`; true if it went as write-zeroes, which only `may_zero` allows.
 ///
 /// A chunk of zeros (unwritten space of a thin disk; most of a new disk's first full sync)
 /// goes out as write-zeroes where the target offers it, as DRBD turns zero resync blocks into
@@ -758,10 +760,13 @@ fn start_write_chunk<C: Send + 'static>(
     len: u64,
     dst: usize,
     buf: &Arc<IoBuf>,
-) -> Receiver<InternalResult> {
+    may_zero: bool,
+) -> (Receiver<InternalResult>, bool) {
     let offset = c * md.layout.chunk_size;
-    let op = if is_zero(buf.as_slice(len as usize)) && inner.legs[dst].handle().info().write_zeroes
-    {
+    let zeroes = may_zero
+        && inner.legs[dst].handle().info().write_zeroes
+        && is_zero(buf.as_slice(len as usize));
+    let op = if zeroes {
         LegOp::WriteZeroes {
             offset,
             len,
@@ -774,7 +779,7 @@ fn start_write_chunk<C: Send + 'static>(
             fua: false,
         }
     };
-    inner.leg_io_start(dst, op, buf.clone())
+    (inner.leg_io_start(dst, op, buf.clone()), zeroes)
 }
 
 /// Whether every byte is zero. Stops at the first 64-byte block holding data (random data: at
@@ -805,7 +810,7 @@ fn copy_chunk<C: Send + 'static>(
 ) -> Result<u64, CopyError> {
     let _hold = hold_chunk(inner, md, REPAIR_SLOT, c).map_err(|Busy| CopyError::Busy)?;
     let len = read_chunk(inner, md, c, src, buf).map_err(CopyError::Source)?;
-    let rx = start_write_chunk(inner, md, c, len, dst, buf);
+    let (rx, _) = start_write_chunk(inner, md, c, len, dst, buf, true);
     inner.leg_io_wait(&rx).map_err(CopyError::Target)?;
     Ok(len)
 }
@@ -814,8 +819,8 @@ fn copy_chunk<C: Send + 'static>(
 enum Step {
     /// Being read from the source leg.
     Reading { src: usize },
-    /// Being written to the target; `len` bytes.
-    Writing { len: u64 },
+    /// Being written to the target; `len` bytes, as write-zeroes if `zeroes`.
+    Writing { len: u64, zeroes: bool },
 }
 
 /// One chunk of a resync in flight, in slot (and buffer) `slot`; the chunk stays locked until
@@ -857,12 +862,16 @@ impl Progress<'_> {
         set_resync(self.md, Some(self.status.clone()));
     }
 
-    /// Chunk `c` (`len` bytes) has landed on the target: it is current there.
-    fn landed(&mut self, c: u64, len: u64) {
+    /// Chunk `c` (`len` bytes, zeros sent as write-zeroes if `zeroes`) has landed on the
+    /// target: it is current there.
+    fn landed(&mut self, c: u64, len: u64, zeroes: bool) {
         if let Some(s) = &self.synced {
             s.set(c);
         }
         self.status.done_bytes += len;
+        if zeroes {
+            self.status.zeroed_bytes += len;
+        }
         let secs = self.t0.elapsed().as_secs_f64().max(1e-6);
         self.status.rate = (self.status.done_bytes as f64 / secs) as u64;
         self.publish();
@@ -962,8 +971,25 @@ fn advance<'a, C: Send + 'static>(
     match (&w.step, outcome) {
         (Step::Reading { .. }, Ok(())) => {
             let len = chunk_len(md, w.c);
-            w.rx = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot]);
-            w.step = Step::Writing { len };
+            let (rx, zeroes) = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot], true);
+            w.rx = rx;
+            w.step = Step::Writing { len, zeroes };
+            Advanced::Writing(w)
+        }
+        (
+            &Step::Writing { len, zeroes: true },
+            Err(e @ (LegError::Io(_) | LegError::Unsupported)),
+        ) => {
+            // A server that offers write-zeroes and then fails it would otherwise fail every
+            // resync at the same chunk; the zeros go as data instead.
+            warn!(
+                "resync of leg {leg}: write-zeroes of chunk {} failed ({e}); writing the zeros \
+                 as data",
+                w.c
+            );
+            let (rx, _) = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot], false);
+            w.rx = rx;
+            w.step = Step::Writing { len, zeroes: false };
             Advanced::Writing(w)
         }
         (Step::Reading { src }, Err(e)) => {
@@ -977,8 +1003,8 @@ fn advance<'a, C: Send + 'static>(
             inner.eject(*src, &format!("resync read failed: {e}"));
             Advanced::Retry(w.c)
         }
-        (Step::Writing { len }, Ok(())) => {
-            p.landed(w.c, *len);
+        (Step::Writing { len, zeroes }, Ok(())) => {
+            p.landed(w.c, *len, *zeroes);
             Advanced::Landed
         }
         (Step::Writing { .. }, Err(e)) => Advanced::TargetFailed(e),
@@ -1011,6 +1037,7 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         status: ResyncStatus {
             leg,
             done_bytes: 0,
+            zeroed_bytes: 0,
             total_bytes: total,
             rate: 0,
             paused: false,
@@ -1136,9 +1163,9 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
     }
     // Writes still in flight land (or fail) before their chunks are unlocked.
     for w in window.drain(..) {
-        if let Step::Writing { len } = w.step {
+        if let Step::Writing { len, zeroes } = w.step {
             match inner.leg_io_wait(&w.rx) {
-                Ok(()) => p.landed(w.c, len),
+                Ok(()) => p.landed(w.c, len, zeroes),
                 Err(e) => {
                     if finished {
                         inner.eject(leg, &format!("resync write failed: {e}"));
@@ -1148,13 +1175,13 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             }
         }
     }
-    let (done, t0) = (p.status.done_bytes, p.t0);
+    let (done, zeroed, t0) = (p.status.done_bytes, p.status.zeroed_bytes, p.t0);
     if finished && l.state() == LegState::Resyncing {
         match inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)) {
             Err(e) if e != LegError::Unsupported => {
                 inner.eject(leg, &format!("flush after resync failed: {e}"))
             }
-            _ => complete_resync(inner, md, leg, done, t0.elapsed()),
+            _ => complete_resync(inner, md, leg, done, zeroed, t0.elapsed()),
         }
     }
     set_resync(md, None);
@@ -1166,6 +1193,7 @@ fn complete_resync<C: Send + 'static>(
     md: &MetaRuntime,
     leg: usize,
     bytes: u64,
+    zeroed: u64,
     took: Duration,
 ) {
     let generation = {
@@ -1190,8 +1218,13 @@ fn complete_resync<C: Send + 'static>(
     if let Ok(mut s) = l.synced.write() {
         *s = None;
     }
+    let zeros = if zeroed > 0 {
+        format!(" ({zeroed} of them zeros, sent as write-zeroes)")
+    } else {
+        String::new()
+    };
     info!(
-        "leg {leg} {} is up to date again (generation {generation}): {bytes} bytes copied in {:.1} s",
+        "leg {leg} {} is up to date again (generation {generation}): {bytes} bytes copied in {:.1} s{zeros}",
         l.uri,
         took.as_secs_f64()
     );
@@ -1199,7 +1232,7 @@ fn complete_resync<C: Send + 'static>(
 
 /// A read failed on `leg` and succeeded elsewhere: copy the chunks back to it.
 fn repair<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize, chunks: Range<u64>) {
-    let buf = IoBuf::new(md.layout.chunk_size as usize);
+    let mut buf = IoBuf::new(md.layout.chunk_size as usize);
     for c in chunks {
         if inner.legs[leg].state() != LegState::UpToDate {
             return;
@@ -1216,7 +1249,11 @@ fn repair<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usize, chu
                 inner.eject(leg, &format!("repair write failed: {e}"));
                 return;
             }
-            Err(CopyError::Source(e)) => warn!("repair of chunk {c}: source leg {src} failed: {e}"),
+            Err(CopyError::Source(e)) => {
+                // A read given up on can still land later: the next chunk gets a fresh buffer.
+                buf = IoBuf::new(md.layout.chunk_size as usize);
+                warn!("repair of chunk {c}: source leg {src} failed: {e}")
+            }
             Err(CopyError::Busy) => warn!("repair of chunk {c}: chunk stayed busy"),
         }
     }
