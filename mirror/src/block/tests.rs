@@ -213,6 +213,31 @@ fn hung_leg_is_ejected_after_the_timeout() {
 
 /// A flush waits for the leg's write-back: past `io_timeout` it is still on time, and only
 /// `flush_timeout` ejects the leg. Discard and write-zeroes likewise.
+/// The resync's write-zeroes stands for a chunk's write, and guest writes to the chunk wait for
+/// it: a leg holding it is ejected after `io_timeout`, not `flush_timeout`.
+#[test]
+fn the_mirrors_own_write_zeroes_gets_the_io_timeout() {
+    let r = rig_timeouts(&[1 << 20, 1 << 20], 100, Duration::from_millis(5000)).unwrap();
+    r.legs[1].set(Mode::Hold);
+    let t0 = Instant::now();
+    let op = LegOp::WriteZeroes {
+        offset: 0,
+        len: 4096,
+        may_unmap: false,
+    };
+    let rx = r.mirror.inner.leg_io_start(1, op, Arc::new(()));
+    assert!(r.mirror.inner.leg_io_wait(&rx).is_err());
+    let waited = t0.elapsed();
+    assert!(
+        waited < Duration::from_millis(2000),
+        "ejected after {waited:?}"
+    );
+    let st = r.mirror.status();
+    assert_eq!(st.legs[1].state, LegState::Failed);
+    let err = st.legs[1].last_error.clone().unwrap_or_default();
+    assert!(!err.contains("flush timeout"), "{err}");
+}
+
 #[test]
 fn flush_discard_and_write_zeroes_get_the_flush_timeout() {
     let ops = [
