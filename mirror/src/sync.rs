@@ -855,6 +855,8 @@ struct Progress<'a> {
     t0: Instant,
     status: ResyncStatus,
     pacer: Pacer,
+    /// The target failed a write-zeroes: zero chunks go as data for the rest of the resync.
+    no_zeroes: bool,
 }
 
 impl Progress<'_> {
@@ -971,7 +973,8 @@ fn advance<'a, C: Send + 'static>(
     match (&w.step, outcome) {
         (Step::Reading { .. }, Ok(())) => {
             let len = chunk_len(md, w.c);
-            let (rx, zeroes) = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot], true);
+            let may_zero = !p.no_zeroes;
+            let (rx, zeroes) = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot], may_zero);
             w.rx = rx;
             w.step = Step::Writing { len, zeroes };
             Advanced::Writing(w)
@@ -981,12 +984,15 @@ fn advance<'a, C: Send + 'static>(
             Err(e @ (LegError::Io(_) | LegError::Unsupported)),
         ) => {
             // A server that offers write-zeroes and then fails it would otherwise fail every
-            // resync at the same chunk; the zeros go as data instead.
-            warn!(
-                "resync of leg {leg}: write-zeroes of chunk {} failed ({e}); writing the zeros \
-                 as data",
-                w.c
-            );
+            // resync at the same chunk; the zeros go as data instead, from now on.
+            if !p.no_zeroes {
+                warn!(
+                    "resync of leg {leg}: write-zeroes of chunk {} failed ({e}); zeros go as \
+                     data for the rest of this resync",
+                    w.c
+                );
+                p.no_zeroes = true;
+            }
             let (rx, _) = start_write_chunk(inner, md, w.c, len, leg, &bufs[w.slot], false);
             w.rx = rx;
             w.step = Step::Writing { len, zeroes: false };
@@ -1046,6 +1052,7 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         pacer: Pacer {
             next: Instant::now(),
         },
+        no_zeroes: false,
     };
     p.publish();
     let mut k = 0;
