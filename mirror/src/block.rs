@@ -354,6 +354,22 @@ impl<C> Entry<C> {
     fn is_read(&self) -> bool {
         matches!(self.op, LegOp::Read { .. })
     }
+
+    /// Whether the request gets `flush_timeout` rather than `io_timeout`: its duration grows
+    /// with what the leg has buffered or with a range, not with a payload. A flush waits for
+    /// write-back; a guest's discard or write-zeroes may cover the whole disk. The mirror's own
+    /// write-zeroes is one resync chunk of zeros standing for that chunk's write, which guest
+    /// writes to the chunk wait for: it is timed as the write.
+    fn waits_for_write_back(&self) -> bool {
+        matches!(
+            (&self.op, &self.origin),
+            (LegOp::Flush, _)
+                | (
+                    LegOp::Discard { .. } | LegOp::WriteZeroes { .. },
+                    Origin::Guest(_)
+                )
+        )
+    }
 }
 
 /// Guest completions of writes held back until a superblock update is on disk.
@@ -1317,14 +1333,7 @@ impl<C: Send + 'static> Inner<C> {
                     continue;
                 }
                 let age = now.saturating_sub(e.sent_at);
-                // The mirror's own write-zeroes is a resync chunk of zeros: it stands for that
-                // chunk's write, and guest writes to the chunk wait for it, so it is timed as
-                // the write it replaces.
-                let chunk_of_zeros = matches!(
-                    (&e.origin, &e.op),
-                    (Origin::Internal(_), LegOp::WriteZeroes { .. })
-                );
-                if e.op.waits_for_write_back() && !chunk_of_zeros {
+                if e.waits_for_write_back() {
                     if age > slow_timeout {
                         late_slow |= e.outstanding;
                     }

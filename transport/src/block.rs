@@ -132,16 +132,6 @@ pub enum LegOp {
 }
 
 impl LegOp {
-    /// Whether the request's duration grows with what the leg has buffered or with a range,
-    /// not with its own payload: a flush waits for write-back, a discard or write-zeroes may
-    /// cover the whole disk. Such requests get a longer timeout.
-    pub fn waits_for_write_back(&self) -> bool {
-        matches!(
-            self,
-            LegOp::Flush | LegOp::Discard { .. } | LegOp::WriteZeroes { .. }
-        )
-    }
-
     /// Short name for logs.
     pub fn name(&self) -> &'static str {
         match self {
