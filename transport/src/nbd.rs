@@ -1682,20 +1682,8 @@ impl ReplyBuffer {
             // SAFETY: `rest` is a live, exclusively borrowed buffer of `rest.len()` bytes.
             let n =
                 unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
-            match n {
-                0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    match e.kind() {
-                        io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::WouldBlock => {
-                            crate::batch::run_pending();
-                            shared.wait_readable(None).map_err(Recv::Io)?
-                        }
-                        _ => return Err(Recv::Io(e)),
-                    }
-                }
-                n => self.end += n as usize,
+            if let Some(n) = received(shared, n)? {
+                self.end += n;
             }
         }
         let mut hdr = [0u8; proto::REPLY_LEN];
@@ -1762,32 +1750,41 @@ impl ReplyBuffer {
             // entry the reader removed from the map and has not completed yet (see the copy
             // above); the last one is our own buffer, exclusively borrowed here.
             let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_DONTWAIT) };
-            match n {
-                0 => return Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
-                n if n < 0 => {
-                    let e = io::Error::last_os_error();
-                    match e.kind() {
-                        io::ErrorKind::Interrupted => {}
-                        io::ErrorKind::WouldBlock => {
-                            crate::batch::run_pending();
-                            shared.wait_readable(None).map_err(Recv::Io)?
-                        }
-                        _ => return Err(Recv::Io(e)),
-                    }
+            match received(shared, n)? {
+                None => {}
+                Some(n) if n >= left => {
+                    self.end = n - left;
+                    left = 0;
                 }
-                n => {
-                    let n = n as usize;
-                    if n >= left {
-                        self.end = n - left;
-                        left = 0;
-                    } else {
-                        advance(&mut scratch[..payload_iovs], &mut start, n);
-                        left -= n;
-                    }
+                Some(n) => {
+                    advance(&mut scratch[..payload_iovs], &mut start, n);
+                    left -= n;
                 }
             }
         }
         Ok(())
+    }
+}
+
+/// What a non-blocking receive that returned `n` means for the reader: bytes received, or
+/// `None` to try again (interrupted, or nothing there: then it has waited for the socket,
+/// after running what its batch holds). End of stream and errors are `Err`.
+fn received(shared: &Shared, n: isize) -> Result<Option<usize>, Recv> {
+    match n {
+        0 => Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
+        n if n > 0 => Ok(Some(n as usize)),
+        _ => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => Ok(None),
+                io::ErrorKind::WouldBlock => {
+                    crate::batch::run_pending();
+                    shared.wait_readable(None).map_err(Recv::Io)?;
+                    Ok(None)
+                }
+                _ => Err(Recv::Io(e)),
+            }
+        }
     }
 }
 
