@@ -1182,13 +1182,12 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             }
         }
     }
-    let (done, zeroed, t0) = (p.status.done_bytes, p.status.zeroed_bytes, p.t0);
     if finished && l.state() == LegState::Resyncing {
         match inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)) {
             Err(e) if e != LegError::Unsupported => {
                 inner.eject(leg, &format!("flush after resync failed: {e}"))
             }
-            _ => complete_resync(inner, md, leg, done, zeroed, t0.elapsed()),
+            _ => complete_resync(inner, md, leg, &p.status, p.t0.elapsed()),
         }
     }
     set_resync(md, None);
@@ -1199,8 +1198,7 @@ fn complete_resync<C: Send + 'static>(
     inner: &Inner<C>,
     md: &MetaRuntime,
     leg: usize,
-    bytes: u64,
-    zeroed: u64,
+    done: &ResyncStatus,
     took: Duration,
 ) {
     let generation = {
@@ -1225,14 +1223,14 @@ fn complete_resync<C: Send + 'static>(
     if let Ok(mut s) = l.synced.write() {
         *s = None;
     }
-    let zeros = if zeroed > 0 {
-        format!(" ({zeroed} of them zeros, sent as write-zeroes)")
-    } else {
-        String::new()
+    let zeros = match done.zeroed_bytes {
+        0 => String::new(),
+        z => format!(" ({z} of them zeros, sent as write-zeroes)"),
     };
     info!(
-        "leg {leg} {} is up to date again (generation {generation}): {bytes} bytes copied in {:.1} s{zeros}",
+        "leg {leg} {} is up to date again (generation {generation}): {} bytes copied in {:.1} s{zeros}",
         l.uri,
+        done.done_bytes,
         took.as_secs_f64()
     );
 }
