@@ -90,10 +90,7 @@ fn leg_server_killed_during_random_writes() {
     let st = r.daemon.status();
     assert_eq!(st["legs"][1]["state"], "failed");
     assert_eq!(st["legs"][0]["state"], "uptodate");
-    assert!(st["legs"][1]["last_error"]
-        .as_str()
-        .unwrap()
-        .contains("ejected"));
+    assert!(r.daemon.last_error(1).contains("ejected"));
     assert!(
         r.daemon.log_text().contains("ejected"),
         "ejection not logged"
@@ -129,13 +126,7 @@ fn erroring_leg_is_ejected_without_client_errors() {
     let st = r.daemon.status();
     assert_eq!(st["legs"][1]["state"], "failed");
     assert!(st["legs"][1]["errors"].as_u64().unwrap() >= 1);
-    assert!(
-        st["legs"][1]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("errno"),
-        "{st}"
-    );
+    assert!(r.daemon.last_error(1).contains("errno"), "{st}");
 }
 
 /// A leg whose server stops answering (SIGSTOP) is ejected after --io-timeout.
@@ -169,13 +160,7 @@ fn hung_leg_is_ejected_after_io_timeout() {
     assert_eq!(verify_acked(&mut c, &rep.acked), 0);
     let st = r.daemon.status();
     assert_eq!(st["legs"][0]["state"], "failed");
-    assert!(
-        st["legs"][0]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("I/O timeout"),
-        "{st}"
-    );
+    assert!(r.daemon.last_error(0).contains("I/O timeout"), "{st}");
 }
 
 /// Both leg servers stall together (SIGSTOP) well past the I/O timeout: a shared stall, which
@@ -394,32 +379,20 @@ fn unusable_legs_are_clear_errors() {
 
 /// An nbdkit server whose flush takes 1.5 s (the eval plugin over a file, `sleep` for flush): a
 /// leg writing back a large cache. Its reads and writes are prompt.
-fn slow_flush_server(dir: &TempDir) -> (std::process::Child, String) {
+fn slow_flush_server(dir: &TempDir) -> Nbdkit {
     let img = dir.path("slow.img");
     image(&img, 16 << 20);
-    let socket = dir.path("slow.sock");
     let img = img.display();
-    let child = std::process::Command::new("nbdkit")
-        .args(["--exit-with-parent", "-f", "-U"])
-        .arg(&socket)
-        .arg("eval")
-        .arg("get_size=echo 16777216")
-        .arg(format!(
-            "pread=dd if={img} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"
-        ))
-        .arg(format!(
-            "pwrite=dd of={img} oflag=seek_bytes conv=notrunc seek=$4 status=none"
-        ))
-        .args(["flush=sleep 1.5", "can_flush=exit 0", "can_write=exit 0"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("nbdkit not installed: run scripts/test (it installs nbdkit)");
-    let s = socket.clone();
-    wait_for("nbdkit socket", Duration::from_secs(10), || {
-        std::os::unix::net::UnixStream::connect(&s).is_ok()
-    });
-    (child, format!("nbd+unix:///?socket={}", socket.display()))
+    let args = [
+        "eval".to_string(),
+        "get_size=echo 16777216".into(),
+        format!("pread=dd if={img} iflag=skip_bytes,count_bytes skip=$4 count=$3 status=none"),
+        format!("pwrite=dd of={img} oflag=seek_bytes conv=notrunc seek=$4 status=none"),
+        "flush=sleep 1.5".into(),
+        "can_flush=exit 0".into(),
+        "can_write=exit 0".into(),
+    ];
+    Nbdkit::plugin(&dir.path("slow.sock"), args.to_vec())
 }
 
 /// A flush waits for the leg's write-back, which on a healthy disk can take seconds after a
@@ -432,8 +405,8 @@ fn slow_flush_is_not_a_dead_leg() {
     let img0 = dir.path("leg0.img");
     image(&img0, 16 << 20);
     let leg0 = Nbdkit::start(&dir.path("leg0.sock"), &img0, &[], &[]);
-    let (mut slow, leg1) = slow_flush_server(&dir);
-    let legs = [leg0.uri(), leg1];
+    let slow = slow_flush_server(&dir);
+    let legs = [leg0.uri(), slow.uri()];
     let data = pattern(7, 4096);
 
     // The two runs differ only in --flush-timeout; --io-timeout is 300 ms in both.
@@ -476,13 +449,5 @@ fn slow_flush_is_not_a_dead_leg() {
     assert_eq!(c.flush(), 0);
     let st = d.status();
     assert_eq!(st["legs"][1]["state"], "failed", "{st}");
-    assert!(
-        st["legs"][1]["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("flush timeout of 600 ms"),
-        "{st}"
-    );
-    let _ = slow.kill();
-    let _ = slow.wait();
+    assert!(d.last_error(1).contains("flush timeout of 600 ms"), "{st}");
 }

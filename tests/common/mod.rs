@@ -80,23 +80,28 @@ pub fn image(path: &Path, size: u64) {
 pub struct Nbdkit {
     pub child: Child,
     pub socket: PathBuf,
-    pub file: PathBuf,
-    filters: Vec<String>,
-    params: Vec<String>,
+    /// Everything after `-U SOCKET`: filters, plugin and parameters.
+    args: Vec<String>,
 }
 
 impl Nbdkit {
     /// `nbdkit [filters] file FILE [params]` on `socket`.
     pub fn start(socket: &Path, file: &Path, filters: &[&str], params: &[&str]) -> Nbdkit {
+        let mut args: Vec<String> = filters.iter().map(|f| format!("--filter={f}")).collect();
+        args.push("file".into());
+        args.push(format!("file={}", file.display()));
+        args.extend(params.iter().map(|p| p.to_string()));
+        Nbdkit::plugin(socket, args)
+    }
+
+    /// `nbdkit ARGS` on `socket`: any plugin (`eval`, `memory`...) with its filters and
+    /// parameters.
+    pub fn plugin(socket: &Path, args: Vec<String>) -> Nbdkit {
         let _ = std::fs::remove_file(socket);
         let mut cmd = Command::new("nbdkit");
-        cmd.args(["--exit-with-parent", "-f", "-U"]).arg(socket);
-        for f in filters {
-            cmd.arg(format!("--filter={f}"));
-        }
-        cmd.arg("file")
-            .arg(format!("file={}", file.display()))
-            .args(params);
+        cmd.args(["--exit-with-parent", "-f", "-U"])
+            .arg(socket)
+            .args(&args);
         cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd
             .spawn()
@@ -108,18 +113,14 @@ impl Nbdkit {
         Nbdkit {
             child,
             socket: socket.to_path_buf(),
-            file: file.to_path_buf(),
-            filters: filters.iter().map(|s| s.to_string()).collect(),
-            params: params.iter().map(|s| s.to_string()).collect(),
+            args,
         }
     }
 
-    /// Starts the server again on the same socket and file (after `kill`).
+    /// Starts the server again on the same socket with the same arguments (after `kill`).
     pub fn restart(&mut self) {
         self.kill();
-        let f: Vec<&str> = self.filters.iter().map(String::as_str).collect();
-        let p: Vec<&str> = self.params.iter().map(String::as_str).collect();
-        let fresh = Nbdkit::start(&self.socket, &self.file, &f, &p);
+        let fresh = Nbdkit::plugin(&self.socket, std::mem::take(&mut self.args));
         *self = fresh;
     }
 
@@ -212,6 +213,14 @@ impl Daemon {
 
     pub fn status(&self) -> Value {
         ctl(&self.control, r#"{"cmd":"status"}"#)
+    }
+
+    /// Leg `i`'s last error as the status reports it ("" for none).
+    pub fn last_error(&self, i: usize) -> String {
+        self.status()["legs"][i]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     pub fn leg_state(&self, i: usize) -> String {
