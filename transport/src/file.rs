@@ -4,13 +4,10 @@
 //! on a channel and pokes an eventfd. The ring thread keeps a read of that eventfd armed inside
 //! the ring, so one `io_uring_enter` sleeps until either a new request or an I/O completion
 //! arrives. Every pass of the thread turns all queued requests into SQEs, submits them with one
-//! system call and reaps every CQE that is ready.
-//!
-//! In-flight requests live in a fixed slab indexed by the low half of the SQE's `user_data`; the
-//! high half is a generation counter, so a stray CQE can never complete a reused slot. A slot is
-//! completed by exactly one call to `Engine::finish`, and only once the kernel has returned its
-//! last CQE: no buffer (the caller's or a bounce buffer) is given back while the kernel may still
-//! read or fill it, not even on abort or when the ring fails.
+//! system call and reaps every CQE that is ready. A thread that owns a [`Reactor`] (a
+//! virtqueue's worker) skips that thread: inside [`Reactor::enter`] its requests go into the
+//! reactor's ring, and it submits and reaps them itself (see [`reactor`]). Both drive the same
+//! engine (`file/engine.rs`), which keeps every buffer alive until the kernel is done with it.
 //!
 //! With O_DIRECT, requests whose buffers are aligned go straight from guest memory to the device.
 //! Requests whose offset and length are aligned but whose segments are not go through an aligned
@@ -19,54 +16,42 @@
 //! second, buffered descriptor of the same file, where the page cache serialises partial blocks;
 //! `fdatasync` on either descriptor flushes the inode, so flush still covers them.
 
+mod engine;
+pub mod reactor;
+
 use std::alloc::{self, Layout};
-use std::cell::UnsafeCell;
-use std::collections::VecDeque;
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::ptr::{self, NonNull};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread::{self, JoinHandle};
-use std::time::Duration;
 
-use crossbeam_channel::{Receiver, SendError, Sender, TryRecvError};
-use io_uring::{opcode, squeue, types, IoUring, Probe};
-use smallvec::SmallVec;
+use crossbeam_channel::{SendError, Sender};
+use io_uring::{opcode, IoUring, Probe};
 
 use crate::block::{BlockLeg, Buffers, CompletionSink, LegError, LegInfo, LegOp, LegRequest, Tag};
 use crate::{OpenError, OpenOptions};
+use engine::{Engine, Own};
+use reactor::Kick;
+pub use reactor::Reactor;
 
 /// Submission queue size.
 const SQ_ENTRIES: u32 = 256;
 /// Completion queue size. At most `MAX_SLOTS` requests, one cancel per request and the eventfd
 /// read can have a CQE pending at once (513), so the CQ can never overflow.
 const CQ_ENTRIES: u32 = 1024;
-/// Requests in flight at once; the rest wait in the channel.
+/// Requests in flight at once in one ring; the rest wait in the channel.
 const MAX_SLOTS: usize = 256;
-/// `user_data` of the eventfd read.
-const EVENTFD_UD: u64 = u64::MAX;
-/// Set in the `user_data` of an async cancel; the rest is the target's `user_data`.
-const CANCEL_BIT: u64 = 1 << 63;
-/// Generations use 31 bits so a slot's `user_data` never has `CANCEL_BIT` set.
-const GEN_MASK: u32 = 0x7fff_ffff;
 /// Most iovecs one `readv`/`writev` accepts (`UIO_MAXIOV`).
 const IOV_MAX: usize = 1024;
-/// Size of the shared zero buffer used when the file system cannot zero a range itself.
-const ZERO_BUF_LEN: usize = 1 << 20;
-/// Zero-buffer segments per SQE when writing zeroes by hand.
-const ZERO_IOVS: usize = 8;
-/// Resubmissions after EAGAIN/EINTR before the error is reported.
-const MAX_RETRIES: u8 = 8;
 /// Memory alignment of bounce buffers (at least one page).
 const PAGE: usize = 4096;
-/// Consecutive EAGAIN/EBUSY from `io_uring_enter` while the SQ is full before giving up.
-const MAX_ENTER_BUSY: u32 = 5000;
 
 const IOC_DIRSHIFT: u32 = if cfg!(any(
     target_arch = "mips",
@@ -96,7 +81,7 @@ pub struct FileLeg {
     thread: Option<JoinHandle<()>>,
     /// The ring's descriptor, so tests can break the ring from outside.
     #[cfg(test)]
-    ring_fd: RawFd,
+    ring_fd: std::os::fd::RawFd,
 }
 
 impl fmt::Debug for FileLeg {
@@ -236,20 +221,22 @@ impl FileLeg {
             notified: AtomicBool::new(false),
             dead: AtomicBool::new(false),
             death: Mutex::new(None),
-        });
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let parts = Parts {
-            ring,
-            shared: Arc::clone(&shared),
-            rx,
             main: file,
             twin,
             direct,
-            block_size,
+            align: u64::from(block_size),
+            punch_unsupported: AtomicBool::new(false),
+            zero_range_unsupported: AtomicBool::new(false),
+            watchers: Mutex::new(Vec::new()),
+        });
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let own = Own {
+            shared: Arc::clone(&shared),
+            rx,
         };
         let thread = thread::Builder::new()
             .name("file-leg".into())
-            .spawn(move || Engine::new(parts).run())
+            .spawn(move || Engine::for_leg(ring, own).run())
             .map_err(|e| io_err(context(e, "cannot start the I/O thread")))?;
 
         log::info!(
@@ -326,6 +313,9 @@ impl BlockLeg for FileLeg {
             Ok(true) => return self.shared.complete(req.tag, Ok(())),
             Ok(false) => {}
         }
+        let Some(req) = Reactor::submit_here(&self.shared, req) else {
+            return;
+        };
         let Some(tx) = &self.tx else {
             self.shared
                 .complete(req.tag, Err(LegError::Lost("leg is closing".into())));
@@ -377,10 +367,12 @@ impl Drop for FileLeg {
     }
 }
 
-/// State shared between the leg handle and its ring thread.
+/// The leg itself, shared by its handle, its ring thread and every reactor holding one of its
+/// requests (which keeps the descriptors open while the kernel may use them).
 struct Shared {
     uri: String,
     sink: Arc<dyn CompletionSink>,
+    /// Wakes the leg's own ring thread.
     eventfd: OwnedFd,
     /// Set by a submitter that has written (or is about to write) the eventfd; cleared by the
     /// ring thread when it reads the eventfd. Saves a system call per request under load.
@@ -389,6 +381,18 @@ struct Shared {
     dead: AtomicBool,
     /// Why the leg is dead; the first reason wins.
     death: Mutex<Option<LegError>>,
+    main: File,
+    /// The buffered descriptor of the same file that takes what O_DIRECT cannot.
+    twin: Option<File>,
+    /// Whether `main` uses O_DIRECT.
+    direct: bool,
+    /// O_DIRECT alignment of offsets, lengths and memory.
+    align: u64,
+    /// Learned from the file system: write-zeroes stops trying these.
+    punch_unsupported: AtomicBool,
+    zero_range_unsupported: AtomicBool,
+    /// Reactors that have taken requests of this leg, woken when it dies.
+    watchers: Mutex<Vec<Weak<Kick>>>,
 }
 
 impl Shared {
@@ -419,15 +423,29 @@ impl Shared {
         )
     }
 
-    /// Marks the leg dead with `err` unless it already is. Returns whether this call killed it.
+    /// Marks the leg dead with `err` unless it already is, and wakes the reactors holding its
+    /// requests. Returns whether this call killed it.
     fn kill(&self, err: LegError) -> bool {
-        let mut death = self.death_lock();
-        if death.is_some() {
-            return false;
+        {
+            let mut death = self.death_lock();
+            if death.is_some() {
+                return false;
+            }
+            *death = Some(err);
+            self.dead.store(true, Ordering::Release);
         }
-        *death = Some(err);
-        self.dead.store(true, Ordering::Release);
+        let watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        for kick in watchers.iter().filter_map(Weak::upgrade) {
+            kick.fire();
+        }
         true
+    }
+
+    /// Has `kick` fired when this leg dies.
+    fn watch(&self, kick: &Arc<Kick>) {
+        let mut watchers = self.watchers.lock().unwrap_or_else(|e| e.into_inner());
+        watchers.retain(|w| w.strong_count() > 0);
+        watchers.push(Arc::downgrade(kick));
     }
 
     /// Wakes the ring thread unless a wake-up is already pending.
@@ -492,695 +510,6 @@ impl Drop for AlignedBuf {
         // SAFETY: `ptr` came from `alloc`/`alloc_zeroed` with exactly this layout and is freed
         // only here.
         unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
-/// How a write-zeroes request is being carried out; each step falls back to the next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ZeroHow {
-    /// `fallocate(PUNCH_HOLE | KEEP_SIZE)`: deallocates (zeroes with unmap on block devices).
-    Punch,
-    /// `fallocate(ZERO_RANGE | KEEP_SIZE)`.
-    Range,
-    /// `writev` from the shared zero buffer.
-    Fill,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum Kind {
-    #[default]
-    Read,
-    Write,
-    Flush,
-    Discard,
-    Zero(ZeroHow),
-}
-
-/// One in-flight request.
-#[derive(Default)]
-struct Slot {
-    /// Bumped whenever the slot is freed, so a stale `user_data` cannot match.
-    gen: u32,
-    /// Holds a request.
-    busy: bool,
-    /// An SQE for this slot has been pushed and its CQE not yet reaped.
-    in_kernel: bool,
-    tag: Tag,
-    kind: Kind,
-    offset: u64,
-    len: u64,
-    /// Bytes transferred so far (reads, writes, zero fill).
-    done: u64,
-    fua: bool,
-    /// The caller's segments.
-    bufs: Buffers,
-    /// Replaces `bufs` as the kernel's buffer when they cannot be used directly.
-    bounce: Option<AlignedBuf>,
-    /// The iovec array of the current SQE. The slab never moves, and this is only rebuilt once
-    /// the previous SQE's CQE has arrived, so the kernel always sees a stable array.
-    iov: SmallVec<[libc::iovec; 8]>,
-    /// Set on abort or loss: the request fails with this once its CQE arrives.
-    failure: Option<LegError>,
-    cancel_sent: bool,
-    retries: u8,
-}
-
-impl Slot {
-    fn user_data(&self, idx: usize) -> u64 {
-        (u64::from(self.gen) << 32) | idx as u64
-    }
-}
-
-/// Everything the ring thread needs, built on the opening thread.
-struct Parts {
-    ring: IoUring,
-    shared: Arc<Shared>,
-    rx: Receiver<LegRequest>,
-    main: File,
-    twin: Option<File>,
-    direct: bool,
-    block_size: u32,
-}
-
-/// The ring thread's state. Only that thread touches it, so nothing here is locked.
-struct Engine {
-    ring: IoUring,
-    shared: Arc<Shared>,
-    rx: Receiver<LegRequest>,
-    main_fd: RawFd,
-    twin_fd: Option<RawFd>,
-    /// Keeps the descriptors above open.
-    _files: (File, Option<File>),
-    direct: bool,
-    /// O_DIRECT alignment of offsets, lengths and memory.
-    align: u64,
-    slots: Box<[Slot]>,
-    free: Vec<u32>,
-    busy: usize,
-    /// Cancel SQEs whose CQE has not arrived.
-    cancels: usize,
-    /// Target of the armed eventfd read. Boxed so it stays put; written only by the kernel.
-    eventfd_buf: Box<UnsafeCell<u64>>,
-    eventfd_armed: bool,
-    /// `user_data` of pushed SQEs the kernel may not have consumed yet, oldest first.
-    unconsumed: VecDeque<u64>,
-    /// Reaped CQEs, reused between passes.
-    cqes: Vec<(u64, i32)>,
-    zero_buf: Option<AlignedBuf>,
-    punch_unsupported: bool,
-    zero_range_unsupported: bool,
-    /// The handle is gone: finish what is in flight, then exit.
-    closing: bool,
-    /// The leg is dead (aborted or lost); new requests fail with this.
-    death: Option<LegError>,
-    /// The ring itself failed: no more `io_uring_enter`.
-    lost: bool,
-}
-
-impl Engine {
-    fn new(p: Parts) -> Engine {
-        let main_fd = p.main.as_raw_fd();
-        let twin_fd = p.twin.as_ref().map(|f| f.as_raw_fd());
-        Engine {
-            ring: p.ring,
-            shared: p.shared,
-            rx: p.rx,
-            main_fd,
-            twin_fd,
-            _files: (p.main, p.twin),
-            direct: p.direct,
-            align: u64::from(p.block_size),
-            slots: (0..MAX_SLOTS).map(|_| Slot::default()).collect(),
-            free: (0..MAX_SLOTS as u32).rev().collect(),
-            busy: 0,
-            cancels: 0,
-            eventfd_buf: Box::new(UnsafeCell::new(0)),
-            eventfd_armed: false,
-            unconsumed: VecDeque::with_capacity(SQ_ENTRIES as usize * 2),
-            cqes: Vec::with_capacity(CQ_ENTRIES as usize),
-            zero_buf: None,
-            punch_unsupported: false,
-            zero_range_unsupported: false,
-            closing: false,
-            death: None,
-            lost: false,
-        }
-    }
-
-    fn run(mut self) {
-        loop {
-            self.check_death();
-            self.intake();
-            if self.lost {
-                self.run_lost();
-                return;
-            }
-            if !self.eventfd_armed && !self.closing {
-                self.arm_eventfd();
-                continue;
-            }
-            if self.closing && self.busy == 0 && self.cancels == 0 {
-                if !self.eventfd_armed {
-                    return;
-                }
-                // The handle's last wake-up may have been eaten by an earlier read (say while
-                // every slot was busy and the disconnect went unnoticed), so nobody else will
-                // complete this one: do it ourselves, leaving nothing in the kernel at exit.
-                self.shared.wake();
-            }
-            self.enter(1);
-            self.reap();
-        }
-    }
-
-    /// After the ring failed: no more `io_uring_enter`, so completions are picked up by polling
-    /// the CQ (the kernel still posts them, running its task work when this thread makes any
-    /// system call, such as the sleep). In-flight requests still wait for their CQE.
-    fn run_lost(&mut self) {
-        let mut nap = Duration::from_millis(1);
-        loop {
-            let before = self.busy;
-            self.reap();
-            self.intake();
-            if self.closing && self.busy == 0 {
-                break;
-            }
-            if self.busy < before {
-                nap = Duration::from_millis(1);
-            } else {
-                nap = (nap * 2).min(Duration::from_millis(50));
-            }
-            thread::sleep(nap);
-        }
-        if self.eventfd_armed {
-            // The kernel may still complete this read after we are gone; the 8 bytes must stay.
-            std::mem::forget(std::mem::replace(
-                &mut self.eventfd_buf,
-                Box::new(UnsafeCell::new(0)),
-            ));
-        }
-    }
-
-    /// Picks up an abort (or a loss noticed by the handle) and starts cancelling.
-    fn check_death(&mut self) {
-        if self.death.is_some() {
-            return;
-        }
-        let Some(err) = self.shared.death() else {
-            return;
-        };
-        self.death = Some(err.clone());
-        for idx in 0..self.slots.len() {
-            let slot = &mut self.slots[idx];
-            if !slot.busy {
-                continue;
-            }
-            slot.failure.get_or_insert_with(|| err.clone());
-            if slot.in_kernel && !slot.cancel_sent && !self.lost {
-                slot.cancel_sent = true;
-                let target = slot.user_data(idx);
-                let entry = opcode::AsyncCancel::new(target)
-                    .build()
-                    .user_data(CANCEL_BIT | target);
-                if self.push(&entry, CANCEL_BIT | target) {
-                    self.cancels += 1;
-                }
-            }
-        }
-    }
-
-    /// Moves queued requests into free slots (or fails them, once the leg is dead).
-    fn intake(&mut self) {
-        loop {
-            if self.death.is_none() && self.free.is_empty() {
-                return;
-            }
-            match self.rx.try_recv() {
-                Ok(req) => self.start(req),
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
-                    self.closing = true;
-                    return;
-                }
-            }
-        }
-    }
-
-    fn start(&mut self, req: LegRequest) {
-        if let Some(err) = &self.death {
-            let err = err.clone();
-            self.shared.complete(req.tag, Err(err));
-            return;
-        }
-        let Some(idx) = self.free.pop() else {
-            // `intake` only starts requests when a slot is free.
-            self.shared
-                .complete(req.tag, Err(LegError::Io(libc::EBUSY)));
-            return;
-        };
-        let idx = idx as usize;
-        self.busy += 1;
-        let align = self.align;
-        let bounce_align = PAGE.max(self.align as usize);
-        let direct = self.direct;
-        let zero_how = |may_unmap: bool, punch_unsupported: bool, range_unsupported: bool| {
-            if may_unmap && !punch_unsupported {
-                ZeroHow::Punch
-            } else if !range_unsupported {
-                ZeroHow::Range
-            } else {
-                ZeroHow::Fill
-            }
-        };
-        let (punch_unsupported, range_unsupported) =
-            (self.punch_unsupported, self.zero_range_unsupported);
-
-        let slot = &mut self.slots[idx];
-        slot.busy = true;
-        slot.tag = req.tag;
-        slot.done = 0;
-        slot.fua = false;
-        slot.retries = 0;
-        let mut error = None;
-        match req.op {
-            LegOp::Read { offset, bufs } => {
-                slot.kind = Kind::Read;
-                slot.offset = offset;
-                slot.len = bufs.total_len() as u64;
-                if needs_bounce(&bufs, offset, direct, align) {
-                    match AlignedBuf::new(bufs.total_len(), bounce_align, false) {
-                        Some(b) => slot.bounce = Some(b),
-                        None => error = Some(LegError::Io(libc::ENOMEM)),
-                    }
-                }
-                slot.bufs = bufs;
-            }
-            LegOp::Write { offset, bufs, fua } => {
-                slot.kind = Kind::Write;
-                slot.offset = offset;
-                slot.len = bufs.total_len() as u64;
-                slot.fua = fua;
-                if needs_bounce(&bufs, offset, direct, align) {
-                    match AlignedBuf::new(bufs.total_len(), bounce_align, false) {
-                        Some(b) => {
-                            copy_in(&bufs, &b);
-                            slot.bounce = Some(b);
-                        }
-                        None => error = Some(LegError::Io(libc::ENOMEM)),
-                    }
-                }
-                slot.bufs = bufs;
-            }
-            LegOp::Flush => slot.kind = Kind::Flush,
-            LegOp::Discard { offset, len } => {
-                slot.kind = Kind::Discard;
-                slot.offset = offset;
-                slot.len = len;
-            }
-            LegOp::WriteZeroes {
-                offset,
-                len,
-                may_unmap,
-            } => {
-                slot.kind = Kind::Zero(zero_how(may_unmap, punch_unsupported, range_unsupported));
-                slot.offset = offset;
-                slot.len = len;
-            }
-        }
-        match error {
-            Some(err) => self.finish(idx, Err(err)),
-            None => self.issue(idx),
-        }
-    }
-
-    /// Pushes the next SQE for slot `idx` (first submission or the rest of a short transfer).
-    fn issue(&mut self, idx: usize) {
-        let entry = match self.build_sqe(idx) {
-            Ok(entry) => entry,
-            Err(err) => return self.finish(idx, Err(err)),
-        };
-        // A retry after EAGAIN goes to the kernel's worker threads, where the I/O may block
-        // instead of failing again at once (a device queue that stays full for a while).
-        let entry = if self.slots[idx].retries > 0 {
-            entry.flags(squeue::Flags::ASYNC)
-        } else {
-            entry
-        };
-        let ud = entry.get_user_data();
-        if self.push(&entry, ud) {
-            self.slots[idx].in_kernel = true;
-        } else {
-            let err = self.death_error();
-            self.finish(idx, Err(err));
-        }
-    }
-
-    fn build_sqe(&mut self, idx: usize) -> Result<squeue::Entry, LegError> {
-        if self.slots[idx].kind == Kind::Zero(ZeroHow::Fill) && self.zero_buf.is_none() {
-            self.zero_buf = AlignedBuf::new(ZERO_BUF_LEN, PAGE, true);
-        }
-        let zero_ptr = self.zero_buf.as_ref().map(|b| b.as_ptr());
-        let (main, twin, direct, align) = (self.main_fd, self.twin_fd, self.direct, self.align);
-        let slot = &mut self.slots[idx];
-        let ud = slot.user_data(idx);
-        let keep = libc::FALLOC_FL_KEEP_SIZE;
-        let entry = match slot.kind {
-            Kind::Flush => opcode::Fsync::new(types::Fd(main))
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
-            Kind::Discard | Kind::Zero(ZeroHow::Punch) => {
-                opcode::Fallocate::new(types::Fd(main), slot.len)
-                    .offset(slot.offset)
-                    .mode(libc::FALLOC_FL_PUNCH_HOLE | keep)
-                    .build()
-            }
-            Kind::Zero(ZeroHow::Range) => opcode::Fallocate::new(types::Fd(main), slot.len)
-                .offset(slot.offset)
-                .mode(libc::FALLOC_FL_ZERO_RANGE | keep)
-                .build(),
-            Kind::Read | Kind::Write | Kind::Zero(ZeroHow::Fill) => {
-                let pos = slot.offset + slot.done;
-                let remaining = slot.len - slot.done;
-                slot.iov.clear();
-                if let Kind::Zero(_) = slot.kind {
-                    let zero = zero_ptr.ok_or(LegError::Io(libc::ENOMEM))?;
-                    let mut left = remaining;
-                    while left > 0 && slot.iov.len() < ZERO_IOVS {
-                        let n = left.min(ZERO_BUF_LEN as u64) as usize;
-                        slot.iov.push(iovec(zero, n));
-                        left -= n as u64;
-                    }
-                } else if let Some(bounce) = &slot.bounce {
-                    let start = bounce.as_ptr().wrapping_add(slot.done as usize);
-                    slot.iov.push(iovec(start, remaining as usize));
-                } else {
-                    let mut skip = slot.done as usize;
-                    for v in slot.bufs.iovecs() {
-                        if skip >= v.len() {
-                            skip -= v.len();
-                            continue;
-                        }
-                        slot.iov
-                            .push(iovec(v.ptr().wrapping_add(skip), v.len() - skip));
-                        skip = 0;
-                    }
-                }
-                let bytes: u64 = slot.iov.iter().map(|v| v.iov_len as u64).sum();
-                let aligned = is_aligned(pos | bytes, align)
-                    && slot
-                        .iov
-                        .iter()
-                        .all(|v| is_aligned((v.iov_base as usize | v.iov_len) as u64, align));
-                // O_DIRECT refuses unaligned transfers; the buffered twin takes them.
-                let fd = match twin {
-                    Some(twin) if direct && !aligned => twin,
-                    _ => main,
-                };
-                let (iov_ptr, iov_len) = (slot.iov.as_ptr(), slot.iov.len() as u32);
-                if slot.kind == Kind::Read {
-                    opcode::Readv::new(types::Fd(fd), iov_ptr, iov_len)
-                        .offset(pos)
-                        .build()
-                } else {
-                    let flags = if slot.fua { libc::RWF_DSYNC } else { 0 };
-                    opcode::Writev::new(types::Fd(fd), iov_ptr, iov_len)
-                        .offset(pos)
-                        .rw_flags(flags)
-                        .build()
-                }
-            }
-        };
-        Ok(entry.user_data(ud))
-    }
-
-    /// Pushes one SQE, handing queued ones to the kernel first if the SQ is full. Returns false
-    /// if the ring failed, in which case the SQE was not pushed.
-    fn push(&mut self, entry: &squeue::Entry, ud: u64) -> bool {
-        let mut busy = 0;
-        loop {
-            if self.lost {
-                return false;
-            }
-            // SAFETY: every buffer and iovec array an SQE points to lives in a slot, the slab's
-            // bounce/zero buffers or the caller's `Buffers` (valid by `Buffers::push`'s contract
-            // until we complete the request), and none of them is freed or rebuilt before the
-            // SQE's CQE has been reaped.
-            if unsafe { self.ring.submission().push(entry) }.is_ok() {
-                self.unconsumed.push_back(ud);
-                return true;
-            }
-            match self.ring.submit() {
-                Ok(_) => {
-                    self.trim_unconsumed();
-                    busy = 0;
-                }
-                Err(e) => match e.raw_os_error() {
-                    Some(libc::EINTR) => {}
-                    Some(libc::EAGAIN) | Some(libc::EBUSY) if busy < MAX_ENTER_BUSY => {
-                        busy += 1;
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                    _ => self.lose(format!("io_uring_enter failed: {e}")),
-                },
-            }
-        }
-    }
-
-    /// Submits what is queued and waits for `want` completions.
-    fn enter(&mut self, want: usize) {
-        match self.ring.submit_and_wait(want) {
-            Ok(_) => self.trim_unconsumed(),
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EINTR) => self.trim_unconsumed(),
-                Some(libc::EAGAIN) | Some(libc::EBUSY) => {
-                    // The kernel is short of resources; reap, then try again shortly.
-                    self.trim_unconsumed();
-                    thread::sleep(Duration::from_millis(1));
-                }
-                _ => self.lose(format!("io_uring_enter failed: {e}")),
-            },
-        }
-    }
-
-    /// Forgets the SQEs the kernel has consumed (the SQ is a FIFO, so they are the oldest).
-    fn trim_unconsumed(&mut self) {
-        let pending = self.ring.submission().len();
-        while self.unconsumed.len() > pending {
-            self.unconsumed.pop_front();
-        }
-    }
-
-    fn arm_eventfd(&mut self) {
-        let buf: *mut u8 = self.eventfd_buf.get().cast();
-        let entry = opcode::Read::new(
-            types::Fd(self.shared.eventfd.as_raw_fd()),
-            buf,
-            std::mem::size_of::<u64>() as u32,
-        )
-        .build()
-        .user_data(EVENTFD_UD);
-        if self.push(&entry, EVENTFD_UD) {
-            self.eventfd_armed = true;
-        }
-    }
-
-    fn reap(&mut self) {
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.clear();
-        cqes.extend(
-            self.ring
-                .completion()
-                .map(|cqe| (cqe.user_data(), cqe.result())),
-        );
-        // One completion batch per reap: the layers above may answer these requests together.
-        crate::batch::run(|| {
-            for &(ud, res) in &cqes {
-                self.on_cqe(ud, res);
-            }
-        });
-        self.cqes = cqes;
-    }
-
-    fn on_cqe(&mut self, ud: u64, res: i32) {
-        if ud == EVENTFD_UD {
-            self.eventfd_armed = false;
-            // Pairs with `Shared::nudge`: whoever set the flag after this sees it clear and
-            // writes the eventfd again; whoever set it before has its request in the channel,
-            // which `intake` drains after this.
-            self.shared.notified.swap(false, Ordering::AcqRel);
-            if res < 0 && !matches!(-res, libc::EINTR | libc::EAGAIN | libc::ECANCELED) {
-                self.lose(format!(
-                    "reading the wake-up eventfd failed: {}",
-                    io::Error::from_raw_os_error(-res)
-                ));
-            }
-            return;
-        }
-        if ud & CANCEL_BIT != 0 {
-            // The outcome does not matter: the target's own CQE settles it.
-            self.cancels = self.cancels.saturating_sub(1);
-            return;
-        }
-        let idx = (ud & 0xffff_ffff) as usize;
-        let gen = (ud >> 32) as u32;
-        let valid = self
-            .slots
-            .get(idx)
-            .is_some_and(|s| s.busy && s.in_kernel && s.gen == gen);
-        if !valid {
-            log::error!(
-                "leg {}: ignoring a completion for unknown request {ud:#x}",
-                self.shared.uri
-            );
-            return;
-        }
-        let slot = &mut self.slots[idx];
-        slot.in_kernel = false;
-        if let Some(err) = slot.failure.take() {
-            return self.finish(idx, Err(err));
-        }
-        if res < 0 {
-            return self.on_error(idx, -res);
-        }
-        match slot.kind {
-            Kind::Read | Kind::Write | Kind::Zero(ZeroHow::Fill) => {
-                let n = res as u64;
-                if n == 0 {
-                    // Every request is within the capacity seen at open, so a zero-byte
-                    // transfer means the file shrank (or the device made no progress).
-                    log::warn!(
-                        "leg {}: {} at {} made no progress (file shrunk?)",
-                        self.shared.uri,
-                        if slot.kind == Kind::Read {
-                            "read"
-                        } else {
-                            "write"
-                        },
-                        slot.offset + slot.done
-                    );
-                    return self.finish(idx, Err(LegError::Io(libc::EIO)));
-                }
-                slot.done = (slot.done + n).min(slot.len);
-                slot.retries = 0;
-                if slot.done < slot.len {
-                    return self.issue(idx);
-                }
-                if slot.kind == Kind::Read {
-                    if let Some(bounce) = &slot.bounce {
-                        copy_out(bounce, &slot.bufs);
-                    }
-                }
-                self.finish(idx, Ok(()))
-            }
-            Kind::Flush | Kind::Discard | Kind::Zero(_) => self.finish(idx, Ok(())),
-        }
-    }
-
-    fn on_error(&mut self, idx: usize, errno: i32) {
-        let uri = Arc::clone(&self.shared);
-        let uri = &uri.uri;
-        let slot = &mut self.slots[idx];
-        if matches!(errno, libc::EAGAIN | libc::EINTR) && slot.retries < MAX_RETRIES {
-            slot.retries += 1;
-            return self.issue(idx);
-        }
-        let unsupported = errno == libc::EOPNOTSUPP;
-        match slot.kind {
-            Kind::Zero(ZeroHow::Punch) if unsupported || errno == libc::EINVAL => {
-                if unsupported && !self.punch_unsupported {
-                    self.punch_unsupported = true;
-                    log::info!("leg {uri}: cannot punch holes; write-zeroes will zero instead");
-                }
-                slot.kind = Kind::Zero(if self.zero_range_unsupported {
-                    ZeroHow::Fill
-                } else {
-                    ZeroHow::Range
-                });
-                self.issue(idx)
-            }
-            Kind::Zero(ZeroHow::Range) if unsupported || errno == libc::EINVAL => {
-                if unsupported && !self.zero_range_unsupported {
-                    self.zero_range_unsupported = true;
-                    log::info!(
-                        "leg {uri}: no fallocate(ZERO_RANGE); write-zeroes will write zeroes"
-                    );
-                }
-                slot.kind = Kind::Zero(ZeroHow::Fill);
-                slot.done = 0;
-                self.issue(idx)
-            }
-            Kind::Discard if unsupported => self.finish(idx, Err(LegError::Unsupported)),
-            _ => {
-                log::warn!(
-                    "leg {uri}: {:?} at {} failed: {}",
-                    slot.kind,
-                    slot.offset + slot.done,
-                    std::io::Error::from_raw_os_error(errno)
-                );
-                self.finish(idx, Err(LegError::Io(errno)))
-            }
-        }
-    }
-
-    /// Completes slot `idx` and frees it. The only place a slot's request completes.
-    fn finish(&mut self, idx: usize, result: Result<(), LegError>) {
-        let slot = &mut self.slots[idx];
-        let tag = slot.tag;
-        slot.busy = false;
-        slot.in_kernel = false;
-        slot.gen = slot.gen.wrapping_add(1) & GEN_MASK;
-        slot.bufs = Buffers::new();
-        slot.bounce = None;
-        slot.iov.clear();
-        slot.failure = None;
-        slot.cancel_sent = false;
-        self.busy = self.busy.saturating_sub(1);
-        self.free.push(idx as u32);
-        self.shared.complete(tag, result);
-    }
-
-    fn death_error(&self) -> LegError {
-        self.death
-            .clone()
-            .unwrap_or_else(|| LegError::Lost("leg is dead".into()))
-    }
-
-    /// The ring failed: the leg is lost. Requests the kernel never saw complete now; those it
-    /// did complete when their CQE arrives.
-    fn lose(&mut self, reason: String) {
-        if self.lost {
-            return;
-        }
-        self.lost = true;
-        log::error!("leg {}: lost: {reason}", self.shared.uri);
-        self.shared.kill(LegError::Lost(reason));
-        self.death = self.shared.death();
-        let err = self.death_error();
-        // We never call io_uring_enter again (and use no SQ polling), so whatever is still in the
-        // SQ will never reach the kernel.
-        let pending = self.ring.submission().len();
-        let consumed = self.unconsumed.len().saturating_sub(pending);
-        let never: Vec<u64> = self.unconsumed.drain(..).skip(consumed).collect();
-        for ud in never {
-            if ud == EVENTFD_UD {
-                self.eventfd_armed = false;
-            } else if ud & CANCEL_BIT != 0 {
-                self.cancels = self.cancels.saturating_sub(1);
-            } else {
-                let idx = (ud & 0xffff_ffff) as usize;
-                let gen = (ud >> 32) as u32;
-                if self
-                    .slots
-                    .get(idx)
-                    .is_some_and(|s| s.busy && s.in_kernel && s.gen == gen)
-                {
-                    self.finish(idx, Err(err.clone()));
-                }
-            }
-        }
-        for slot in self.slots.iter_mut().filter(|s| s.busy) {
-            slot.failure.get_or_insert_with(|| err.clone());
-        }
     }
 }
 
@@ -1354,9 +683,11 @@ fn check_opcodes(ring: &IoUring) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crossbeam_channel::Receiver;
     use std::collections::{HashMap, HashSet};
     use std::path::PathBuf;
     use std::sync::atomic::AtomicU64;
+    use std::time::Duration;
     use std::time::Instant;
 
     type Done = (Tag, Result<(), LegError>);
@@ -2220,5 +1551,300 @@ mod tests {
         if let Err(e) = result {
             std::panic::resume_unwind(e);
         }
+    }
+
+    type ThreadDone = (Tag, Result<(), LegError>, thread::ThreadId);
+
+    /// Records the thread each request completed on; may submit a follow-up on a completion.
+    struct ThreadSink {
+        tx: Sender<ThreadDone>,
+        /// On the completion of the first tag, submits the request to the leg.
+        follow_up: Mutex<Option<(Tag, std::sync::Weak<FileLeg>, LegRequest)>>,
+    }
+
+    impl CompletionSink for ThreadSink {
+        fn complete(&self, tag: Tag, result: Result<(), LegError>) {
+            let _ = self.tx.send((tag, result, thread::current().id()));
+            let next = {
+                let mut f = self.follow_up.lock().unwrap();
+                match f.as_ref() {
+                    Some((after, _, _)) if *after == tag => f.take(),
+                    _ => None,
+                }
+            };
+            if let Some((_, leg, req)) = next {
+                leg.upgrade().unwrap().submit(req);
+            }
+        }
+    }
+
+    fn thread_sink() -> (Arc<ThreadSink>, Receiver<ThreadDone>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let sink = Arc::new(ThreadSink {
+            tx,
+            follow_up: Mutex::new(None),
+        });
+        (sink, rx)
+    }
+
+    fn open_with(path: &Path, sink: &Arc<ThreadSink>) -> FileLeg {
+        let uri = format!("file:{}", path.display());
+        let sink: Arc<dyn CompletionSink> = sink.clone();
+        FileLeg::open(uri, path, true, &OpenOptions::default(), sink).unwrap()
+    }
+
+    /// Polls `reactor` as its owner's event loop would, when its fd is readable, until `n`
+    /// completions have arrived.
+    fn poll_until(reactor: &Reactor, rx: &Receiver<ThreadDone>, n: usize) -> Vec<ThreadDone> {
+        let mut got: Vec<ThreadDone> = rx.try_iter().collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while got.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{} of {n} completions",
+                got.len()
+            );
+            let mut pfd = libc::pollfd {
+                fd: reactor.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // Only when its fd says so: a request the reactor failed to hand to the kernel
+            // would never make it readable, and the owner would sleep on.
+            // SAFETY: one valid pollfd, as the count says.
+            if unsafe { libc::poll(&mut pfd, 1, 100) } == 1 {
+                reactor.poll();
+            }
+            got.extend(rx.try_iter());
+        }
+        got
+    }
+
+    fn write_op(t: &TBuf, off: usize, len: usize, offset: u64) -> LegOp {
+        LegOp::Write {
+            offset,
+            bufs: buffers(&[(t, off, len)]),
+            fua: false,
+        }
+    }
+
+    #[test]
+    fn a_reactor_submits_and_reaps_on_its_own_thread() {
+        const REQS: usize = 100;
+        let (real, shm) = (TempDir::real(), TempDir::tmpfs());
+        let paths = [
+            real.file("disk.img", (REQS * 4096) as u64),
+            shm.file("disk.img", (REQS * 4096) as u64),
+        ];
+        let (sink, rx) = thread_sink();
+        let legs: Vec<FileLeg> = paths.iter().map(|p| open_with(p, &sink)).collect();
+        let src = TBuf::new(REQS * 4096);
+        let data = pattern(7, REQS * 4096);
+        src.set(0, &data);
+        let reactor = Reactor::new().unwrap();
+        let me = thread::current().id();
+        reactor.enter(|| {
+            for (l, leg) in legs.iter().enumerate() {
+                for i in 0..REQS {
+                    let op = write_op(&src, i * 4096, 4096, (i * 4096) as u64);
+                    let tag = (l * 1000 + i) as Tag;
+                    leg.submit(LegRequest { tag, op });
+                }
+            }
+        });
+        let done = poll_until(&reactor, &rx, 2 * REQS);
+        let tags: HashSet<Tag> = done.iter().map(|d| d.0).collect();
+        assert_eq!(tags.len(), 2 * REQS, "every request completes once");
+        for (tag, result, thread) in &done {
+            assert_eq!(*result, Ok(()), "tag {tag}");
+            assert_eq!(*thread, me, "tag {tag} completed on another thread");
+        }
+        assert_eq!(reactor.in_flight(), 0);
+        assert!(rx.try_recv().is_err());
+        // Reads through the reactor see the data, and so do the files.
+        let dst = TBuf::new(2 * REQS * 4096);
+        reactor.enter(|| {
+            for (l, leg) in legs.iter().enumerate() {
+                let op = LegOp::Read {
+                    offset: 0,
+                    bufs: buffers(&[(&dst, l * REQS * 4096, REQS * 4096)]),
+                };
+                leg.submit(LegRequest { tag: 5000, op });
+            }
+        });
+        let done = poll_until(&reactor, &rx, 2);
+        assert!(done.iter().all(|d| d.1.is_ok() && d.2 == me), "{done:?}");
+        for l in 0..2 {
+            assert!(dst.get(l * REQS * 4096, REQS * 4096) == data);
+        }
+        drop(legs);
+        for p in &paths {
+            assert!(std::fs::read(p).unwrap() == data);
+        }
+    }
+
+    #[test]
+    fn requests_beyond_the_reactors_slots_go_through_the_leg_thread() {
+        const REQS: usize = MAX_SLOTS + 44;
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", (REQS * 512) as u64);
+        let (sink, rx) = thread_sink();
+        let leg = open_with(&path, &sink);
+        let src = TBuf::new(REQS * 512);
+        let data = pattern(3, REQS * 512);
+        src.set(0, &data);
+        let reactor = Reactor::new().unwrap();
+        reactor.enter(|| {
+            for i in 0..REQS {
+                let op = write_op(&src, i * 512, 512, (i * 512) as u64);
+                leg.submit(LegRequest { tag: i as Tag, op });
+            }
+        });
+        let done = poll_until(&reactor, &rx, REQS);
+        let me = thread::current().id();
+        assert!(done.iter().all(|d| d.1.is_ok()));
+        let here = done.iter().filter(|d| d.2 == me).count();
+        assert_eq!(here, MAX_SLOTS, "the reactor takes what its slots hold");
+        drop(leg);
+        assert!(std::fs::read(&path).unwrap() == data);
+    }
+
+    #[test]
+    fn a_completion_that_submits_again_is_handed_to_the_kernel() {
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", 1 << 20);
+        let (sink, rx) = thread_sink();
+        let leg = Arc::new(open_with(&path, &sink));
+        let src = TBuf::new(8192);
+        src.set(0, &pattern(9, 8192));
+        // Like the mirror's resend of a failed read: submitted from inside a completion.
+        *sink.follow_up.lock().unwrap() = Some((
+            1,
+            Arc::downgrade(&leg),
+            LegRequest {
+                tag: 2,
+                op: write_op(&src, 4096, 4096, 4096),
+            },
+        ));
+        let reactor = Reactor::new().unwrap();
+        let me = thread::current().id();
+        reactor.enter(|| {
+            leg.submit(LegRequest {
+                tag: 1,
+                op: write_op(&src, 0, 4096, 0),
+            })
+        });
+        let done = poll_until(&reactor, &rx, 2);
+        assert_eq!(
+            done.iter().map(|d| (d.0, d.2)).collect::<Vec<_>>(),
+            [(1, me), (2, me)]
+        );
+        assert!(done.iter().all(|d| d.1.is_ok()));
+        assert_eq!(reactor.in_flight(), 0);
+        drop(leg);
+        assert!(std::fs::read(&path).unwrap()[..8192] == pattern(9, 8192)[..]);
+    }
+
+    #[test]
+    fn a_leg_that_dies_wakes_the_reactors_holding_its_requests() {
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", 1 << 20);
+        let (sink, rx) = thread_sink();
+        let leg = open_with(&path, &sink);
+        let t = TBuf::new(4096);
+        let reactor = Reactor::new().unwrap();
+        reactor.enter(|| {
+            leg.submit(LegRequest {
+                tag: 1,
+                op: write_op(&t, 0, 4096, 0),
+            })
+        });
+        poll_until(&reactor, &rx, 1);
+        reactor.poll();
+        assert!(!reactor.has_work());
+        leg.abort("test abort");
+        assert!(reactor.has_work(), "the abort must reach the reactor");
+        let mut pfd = libc::pollfd {
+            fd: reactor.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, as the count says.
+        assert_eq!(
+            unsafe { libc::poll(&mut pfd, 1, 1000) },
+            1,
+            "its fd is readable"
+        );
+        reactor.poll();
+        assert!(!reactor.has_work());
+        reactor.enter(|| {
+            leg.submit(LegRequest {
+                tag: 2,
+                op: write_op(&t, 0, 4096, 0),
+            })
+        });
+        let done = poll_until(&reactor, &rx, 1);
+        assert_eq!(done[0].1, Err(LegError::Aborted("test abort".into())));
+    }
+
+    #[test]
+    fn an_abort_settles_everything_a_reactor_holds() {
+        const REQS: usize = 200;
+        const LEN: usize = 256 << 10;
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", (REQS * LEN) as u64);
+        let bufs: Vec<TBuf> = (0..REQS).map(|_| TBuf::new(LEN)).collect();
+        let (sink, rx) = thread_sink();
+        let leg = open_with(&path, &sink);
+        let reactor = Reactor::new().unwrap();
+        reactor.enter(|| {
+            for (i, t) in bufs.iter().enumerate() {
+                let op = LegOp::Write {
+                    offset: (i * LEN) as u64,
+                    bufs: buffers(&[(t, 0, LEN)]),
+                    fua: true,
+                };
+                leg.submit(LegRequest { tag: i as Tag, op });
+            }
+        });
+        let mut done = poll_until(&reactor, &rx, 1);
+        leg.abort("test abort");
+        done.extend(poll_until(&reactor, &rx, REQS - done.len()));
+        let aborted = Err(LegError::Aborted("test abort".into()));
+        assert_eq!(done.iter().map(|d| d.0).collect::<HashSet<_>>().len(), REQS);
+        for (tag, r, _) in &done {
+            assert!(r.is_ok() || *r == aborted, "tag {tag}: {r:?}");
+        }
+        assert_eq!(reactor.in_flight(), 0);
+    }
+
+    #[test]
+    fn dropping_a_reactor_waits_for_its_requests() {
+        const REQS: usize = 200;
+        const LEN: usize = 64 << 10;
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", (REQS * LEN) as u64);
+        let (sink, rx) = thread_sink();
+        let leg = open_with(&path, &sink);
+        let src = TBuf::new(REQS * LEN);
+        let data = pattern(11, REQS * LEN);
+        src.set(0, &data);
+        let reactor = Reactor::new().unwrap();
+        reactor.enter(|| {
+            for i in 0..REQS {
+                let op = write_op(&src, i * LEN, LEN, (i * LEN) as u64);
+                leg.submit(LegRequest { tag: i as Tag, op });
+            }
+        });
+        drop(reactor);
+        let done: Vec<ThreadDone> = rx.try_iter().collect();
+        assert_eq!(
+            done.len(),
+            REQS,
+            "every request completed before the drop returned"
+        );
+        assert!(done.iter().all(|d| d.1.is_ok()));
+        drop(leg);
+        assert!(std::fs::read(&path).unwrap() == data);
     }
 }

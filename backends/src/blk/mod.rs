@@ -30,6 +30,7 @@ use vmm_sys_util::event::{
 pub use queue::Completion;
 use queue::QueueState;
 use request::{Limits, MAX_DATA_SEGMENTS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
+use transport::file::Reactor;
 
 /// The mirror type the block device drives.
 pub type BlkMirror = BlockMirror<Completion>;
@@ -79,6 +80,9 @@ pub struct BlkConfig {
     /// Longest time a queue's worker keeps looking for new requests (notifications off) before
     /// it goes back to sleep; zero never polls. See [`queue::Poller`].
     pub poll_max: Duration,
+    /// Each queue's worker submits and reaps its file-leg I/O in an io_uring of its own
+    /// ([`transport::file::Reactor`]) instead of handing it to the legs' threads.
+    pub queue_rings: bool,
 }
 
 impl Default for BlkConfig {
@@ -89,6 +93,7 @@ impl Default for BlkConfig {
             read_only: false,
             serial: "vhost-mirror".into(),
             poll_max: DEFAULT_POLL_MAX,
+            queue_rings: true,
         }
     }
 }
@@ -192,10 +197,20 @@ impl VhostUserBlk {
             discard: info.discard && !read_only,
             write_zeroes: info.write_zeroes && !read_only,
         };
+        let reactor = || {
+            if !cfg.queue_rings {
+                return None;
+            }
+            Reactor::new()
+                .inspect_err(|e| {
+                    warn!("no io_uring for a queue ({e}); file legs use their own threads")
+                })
+                .ok()
+        };
         Ok(VhostUserBlk {
             config: config_space(&info, &cfg),
             queues: (0..cfg.num_queues)
-                .map(|_| Arc::new(QueueState::new(cfg.poll_max)))
+                .map(|_| Arc::new(QueueState::new(cfg.poll_max, reactor())))
                 .collect(),
             mirror,
             limits,
@@ -217,6 +232,13 @@ impl VhostUserBlk {
         let start = Instant::now();
         let queues: Vec<usize> = queues.collect();
         loop {
+            // The queue's worker may have exited with requests in its ring (the kernel lets a
+            // task go only once they have finished): their completions are picked up here.
+            for &q in &queues {
+                if let Some(reactor) = &self.queues[q].reactor {
+                    reactor.reap();
+                }
+            }
             let left: usize = queues.iter().map(|&q| self.queues[q].inflight()).sum();
             if left == 0 {
                 return true;
@@ -232,6 +254,29 @@ impl VhostUserBlk {
     fn drain_limit(&self) -> Duration {
         // Long enough for the mirror to eject a hung leg and retry elsewhere.
         Duration::from_secs(30)
+    }
+
+    /// The event id of queue `q`'s reactor in its worker's epoll (ids up to `num_queues` are
+    /// the queues' and the exit event's).
+    fn reactor_event(&self, q: usize) -> u16 {
+        (self.cfg.num_queues + 1 + q) as u16
+    }
+
+    /// Adds each queue's reactor to the epoll of the worker that serves the queue (worker `q`
+    /// serves queue `q`, see `queues_per_thread`).
+    fn register_reactors(
+        &self,
+        daemon: &VhostUserDaemon<Arc<VhostUserBlk>>,
+    ) -> Result<(), BlkError> {
+        for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+            let Some(reactor) = self.queues.get(q).and_then(|s| s.reactor.as_ref()) else {
+                continue;
+            };
+            handler
+                .register_listener(reactor.fd(), EventSet::IN, u64::from(self.reactor_event(q)))
+                .map_err(|e| BlkError::Daemon(format!("cannot watch queue {q}'s io_uring: {e}")))?;
+        }
+        Ok(())
     }
 }
 
@@ -308,6 +353,14 @@ impl VhostUserBackend for VhostUserBlk {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
+        let reactor = (device_event as usize)
+            .checked_sub(self.cfg.num_queues + 1)
+            .and_then(|q| self.queues.get(q))
+            .and_then(|s| s.reactor.as_ref());
+        if let Some(reactor) = reactor {
+            reactor.poll();
+            return Ok(());
+        }
         let q = device_event as usize;
         let (Some(vring), Some(state)) = (vrings.get(q), self.queues.get(q)) else {
             return Err(BlkError::UnknownEvent(device_event).into());
@@ -322,8 +375,17 @@ impl VhostUserBackend for VhostUserBlk {
                 .ok()
                 .and_then(|m| m.as_ref().map(|m| m.memory().into_inner()))
                 .ok_or(BlkError::NoMemory(q))?;
-            queue::QueueContext::new(&self.mirror, &self.limits, &self.serial, state, vring, &mem)
-                .process();
+            state.run_pass(|| {
+                queue::QueueContext::new(
+                    &self.mirror,
+                    &self.limits,
+                    &self.serial,
+                    state,
+                    vring,
+                    &mem,
+                )
+                .process()
+            });
             Ok(mem)
         };
         if self.event_idx.load(Ordering::Acquire) {
@@ -334,7 +396,10 @@ impl VhostUserBackend for VhostUserBlk {
                 let mem = pass()?;
                 // A driver that keeps its queue busy sends the next requests within microseconds:
                 // looking for them with notifications still off saves its kick and our wake-up.
-                if state.poller.wait_for_requests(vring, &mem) {
+                if state
+                    .poller
+                    .wait_for_requests(vring, &mem, || state.has_completions())
+                {
                     continue;
                 }
                 if !vring.enable_notification().map_err(io::Error::other)? {
@@ -370,6 +435,7 @@ pub fn serve(
             GuestMemoryAtomic::new(GuestMemoryMmap::new()),
         )
         .map_err(|e| BlkError::Daemon(e.to_string()))?;
+        backend.register_reactors(&daemon)?;
         daemon
             .start(&mut listener)
             .map_err(|e| BlkError::Daemon(e.to_string()))?;

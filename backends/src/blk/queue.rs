@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use log::warn;
 use mirror::{IoStatus, KeepAlive};
 use smallvec::SmallVec;
+use transport::file::Reactor;
 use transport::{Buffers, LegOp};
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP};
@@ -37,15 +38,34 @@ pub struct QueueState {
     inflight: AtomicUsize,
     /// Used by the queue's vring thread only.
     pub poller: Poller,
+    /// The worker's own io_uring for the file legs' requests of this queue (see
+    /// [`transport::file::reactor`]); `None` if the leg threads take them.
+    pub reactor: Option<Reactor>,
 }
 
 impl QueueState {
-    /// A queue whose worker polls for new requests for up to `poll_max`.
-    pub fn new(poll_max: Duration) -> Self {
+    /// A queue whose worker polls for new requests for up to `poll_max` and submits file-leg
+    /// I/O through `reactor`, if any.
+    pub fn new(poll_max: Duration, reactor: Option<Reactor>) -> Self {
         QueueState {
             inflight: AtomicUsize::new(0),
             poller: Poller::new(poll_max),
+            reactor,
         }
+    }
+
+    /// Runs one pass of the queue's worker: file-leg requests it submits go into the queue's
+    /// reactor and are handed to the kernel when the pass ends.
+    pub fn run_pass<R>(&self, pass: impl FnOnce() -> R) -> R {
+        match &self.reactor {
+            Some(reactor) => reactor.enter(pass),
+            None => pass(),
+        }
+    }
+
+    /// Whether the worker has completions of its own to reap.
+    pub fn has_completions(&self) -> bool {
+        self.reactor.as_ref().is_some_and(Reactor::has_work)
     }
 
     /// Requests accepted and not yet answered.
@@ -78,9 +98,15 @@ impl Poller {
         }
     }
 
-    /// Spins for up to the current window until the driver has made new requests available.
-    /// Returns whether it has; the caller keeps notifications off meanwhile.
-    pub fn wait_for_requests(&self, vring: &VringRwLock, mem: &GuestMemoryMmap) -> bool {
+    /// Spins for up to the current window until the driver has made new requests available or
+    /// `other_work` says there is something else to do (the worker's own completions). Returns
+    /// whether either happened; the caller keeps notifications off meanwhile.
+    pub fn wait_for_requests(
+        &self,
+        vring: &VringRwLock,
+        mem: &GuestMemoryMmap,
+        other_work: impl Fn() -> bool,
+    ) -> bool {
         let window = self.window_ns.load(Ordering::Relaxed);
         if self.max_ns == 0 {
             return false;
@@ -88,7 +114,7 @@ impl Poller {
         let start = Instant::now();
         let mut spins = 0u32;
         let found = loop {
-            if has_available(vring, mem) {
+            if has_available(vring, mem) || other_work() {
                 break true;
             }
             if window == 0 || start.elapsed().as_nanos() as u64 >= window {
