@@ -32,7 +32,12 @@ fn var_tmp(name: &str) -> TempDir {
 
 /// Voluntary context switches (sleeps) of the daemon's threads called `name`, so far.
 fn sleeps_of(pid: u32, name: &str) -> u64 {
-    let mut total = 0;
+    sleeps_per_thread(pid, name).values().sum()
+}
+
+/// Voluntary context switches so far of each of the daemon's threads called `name`, by id.
+fn sleeps_per_thread(pid: u32, name: &str) -> std::collections::HashMap<String, u64> {
+    let mut per = std::collections::HashMap::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();
         let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
@@ -40,13 +45,14 @@ fn sleeps_of(pid: u32, name: &str) -> u64 {
             continue;
         }
         let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
-        total += status
+        let n = status
             .lines()
             .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
             .and_then(|v| v.trim().parse::<u64>().ok())
             .unwrap_or(0);
+        per.insert(task.file_name().unwrap().to_string_lossy().into_owned(), n);
     }
-    total
+    per
 }
 
 fn assert_legs_equal(dir: &TempDir) {
@@ -169,6 +175,58 @@ fn a_frontend_that_leaves_with_file_io_in_flight() {
     );
     assert_eq!(d.leg_state(0), "uptodate");
     assert_eq!(d.leg_state(1), "uptodate");
+    d.terminate();
+    assert_legs_equal(&dir);
+}
+
+/// With two queues, each worker drives its own ring: the worker of an idle queue sleeps while
+/// the other queue's file I/O goes on (a shared ring would wake it for every completion).
+#[test]
+fn each_queue_worker_drives_its_own_ring() {
+    let _serial = exclusive();
+    let dir = var_tmp("tworings");
+    let legs = file_legs(&dir);
+    let mut d = Daemon::start(&dir, &legs, &["--num-queues", "2"]);
+    let (mut c, mut extra) = Client::connect_queues(&d.socket, 16, 2);
+    let q1 = &mut extra[0];
+    let pid = d.child.id();
+    let before = sleeps_per_thread(pid, "vring_worker");
+    assert_eq!(before.len(), 2, "one worker per queue: {before:?}");
+    let mut comps: Vec<_> = (0..16)
+        .map(|_| std::mem::MaybeUninit::<blkio::Completion>::uninit())
+        .collect();
+    let mut writes = 0u64;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(1) {
+        for slot in 0..16 {
+            c.slice(slot, 4096).fill(slot as u8 + 1);
+            let offset = ((writes + slot as u64) % BLOCKS) * 4096;
+            q1.write(offset, c.buf(slot), 4096, slot, blkio::ReqFlags::empty());
+        }
+        let mut t = Duration::from_secs(30);
+        let n = q1.do_io(&mut comps, 16, Some(&mut t), None).unwrap();
+        assert_eq!(n, 16, "queue 1 did not answer");
+        for done in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            assert_eq!(unsafe { done.assume_init_ref() }.ret, 0);
+        }
+        writes += 16;
+    }
+    let after = sleeps_per_thread(pid, "vring_worker");
+    let deltas: Vec<u64> = after
+        .iter()
+        .map(|(tid, n)| n - before.get(tid).copied().unwrap_or(0))
+        .collect();
+    let idle = *deltas.iter().min().unwrap();
+    assert!(
+        idle < writes / 100,
+        "the idle queue's worker slept {idle} times over {writes} writes on the other queue \
+         (per worker: {deltas:?})"
+    );
+    assert_eq!(c.write(0, &pattern(4, 4096)), 0);
+    assert_eq!(c.read(0, 4096).unwrap(), pattern(4, 4096));
+    drop(extra);
+    drop(c);
     d.terminate();
     assert_legs_equal(&dir);
 }

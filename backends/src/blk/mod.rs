@@ -60,6 +60,8 @@ pub enum BlkError {
     Daemon(String),
     #[error("unsupported queue event {0}")]
     UnknownEvent(u16),
+    #[error("cannot add queue {queue}'s io_uring to its worker's epoll: {source}")]
+    WatchRing { queue: usize, source: io::Error },
     #[error("queue {0}: guest memory not set up yet")]
     NoMemory(usize),
 }
@@ -232,14 +234,16 @@ impl VhostUserBlk {
         let start = Instant::now();
         let queues: Vec<usize> = queues.collect();
         loop {
-            // The queue's worker may have exited with requests in its ring (the kernel lets a
-            // task go only once they have finished): their completions are picked up here.
-            for &q in &queues {
-                if let Some(reactor) = &self.queues[q].reactor {
-                    reactor.reap();
-                }
-            }
-            let left: usize = queues.iter().map(|&q| self.queues[q].inflight()).sum();
+            // A queue's ring may still hold requests the guest no longer waits for (those of
+            // a leg that was late or ejected): they belong to the worker too, which must not
+            // exit (its ring's pending work would be cancelled) before they finish.
+            let left: usize = queues
+                .iter()
+                .map(|&q| {
+                    let s = &self.queues[q];
+                    s.inflight() + s.reactor.as_ref().map_or(0, Reactor::in_flight)
+                })
+                .sum();
             if left == 0 {
                 return true;
             }
@@ -254,6 +258,34 @@ impl VhostUserBlk {
     fn drain_limit(&self) -> Duration {
         // Long enough for the mirror to eject a hung leg and retry elsewhere.
         Duration::from_secs(30)
+    }
+
+    /// After the workers were told to exit: a queue ring that still holds requests (a hung
+    /// leg outlasted the drain) gets a thread of its own that reaps it until it is empty, so
+    /// its requests still complete and the old connection's memory is let go in the end.
+    fn hand_over_rings(&self) {
+        for (q, state) in self.queues.iter().enumerate() {
+            if state.reactor.as_ref().is_none_or(|r| r.in_flight() == 0) {
+                continue;
+            }
+            let state = Arc::clone(state);
+            let spawned = std::thread::Builder::new()
+                .name("queue-ring-drain".into())
+                .spawn(move || {
+                    if let Some(reactor) = &state.reactor {
+                        warn!(
+                            "queue {q}: {} requests still in its io_uring; reaping them",
+                            reactor.in_flight()
+                        );
+                        while !reactor.settle(Duration::from_secs(60)) {
+                            warn!("queue {q}: {} requests still pending", reactor.in_flight());
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                warn!("queue {q}: cannot start a thread to reap its io_uring: {e}");
+            }
+        }
     }
 
     /// The event id of queue `q`'s reactor in its worker's epoll (ids up to `num_queues` are
@@ -274,7 +306,7 @@ impl VhostUserBlk {
             };
             handler
                 .register_listener(reactor.fd(), EventSet::IN, u64::from(self.reactor_event(q)))
-                .map_err(|e| BlkError::Daemon(format!("cannot watch queue {q}'s io_uring: {e}")))?;
+                .map_err(|source| BlkError::WatchRing { queue: q, source })?;
         }
         Ok(())
     }
@@ -348,21 +380,24 @@ impl VhostUserBackend for VhostUserBlk {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other(format!("unexpected event set {evset:?}")));
         }
-        let reactor = (device_event as usize)
-            .checked_sub(self.cfg.num_queues + 1)
-            .and_then(|q| self.queues.get(q))
-            .and_then(|s| s.reactor.as_ref());
-        if let Some(reactor) = reactor {
-            reactor.poll();
-            return Ok(());
+        // Worker `thread_id` serves queue `thread_id` alone (`queues_per_thread`), and its
+        // events number the queues it serves from 0: its queue is `vrings[0]`.
+        let q = thread_id;
+        let Some(state) = self.queues.get(q) else {
+            return Err(BlkError::UnknownEvent(device_event).into());
+        };
+        if usize::from(device_event) == usize::from(self.reactor_event(q)) {
+            if let Some(reactor) = &state.reactor {
+                reactor.poll();
+                return Ok(());
+            }
         }
-        let q = device_event as usize;
-        let (Some(vring), Some(state)) = (vrings.get(q), self.queues.get(q)) else {
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Err(BlkError::UnknownEvent(device_event).into());
         };
         // The memory map is read afresh for every pass: the frontend may add or remove regions
@@ -444,12 +479,14 @@ pub fn serve(
             Ok(()) => info!("frontend disconnected"),
             Err(e) => warn!("frontend connection ended: {e}"),
         }
+        // Requests of the old connection still complete into its (still mapped) memory; let
+        // them finish before a new frontend sets up the rings again, and before the workers
+        // that reap the queues' rings exit.
+        backend.drain(0..cfg.num_queues, backend.drain_limit());
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
-        // Requests of the old connection still complete into its (still mapped) memory; let
-        // them finish before a new frontend sets up the rings again.
-        backend.drain(0..cfg.num_queues, backend.drain_limit());
+        backend.hand_over_rings();
     }
     Ok(())
 }

@@ -184,6 +184,12 @@ impl Engine {
         Engine::new(ring, None)
     }
 
+    /// Whether SQEs wait to be handed to the kernel (a reap may push some: the rest of a short
+    /// transfer, a retry, a zeroing fallback).
+    pub(super) fn sq_pending(&mut self) -> bool {
+        !self.lost && !self.ring.submission().is_empty()
+    }
+
     /// Whether a CQE is waiting.
     pub(super) fn cq_ready(&mut self) -> bool {
         !self.ring.completion().is_empty()
@@ -257,9 +263,11 @@ impl Engine {
         let mut nap = Duration::from_millis(1);
         loop {
             let before = self.busy;
-            self.reap();
-            self.intake();
-            self.deliver_all();
+            crate::batch::run(|| {
+                self.reap();
+                self.intake();
+                self.deliver_all();
+            });
             if self.closing && self.busy == 0 {
                 break;
             }
@@ -358,6 +366,7 @@ impl Engine {
         };
         let idx = idx as usize;
         self.busy += 1;
+        leg.held.fetch_add(1, Ordering::AcqRel);
         let align = leg.align;
         let bounce_align = PAGE.max(leg.align as usize);
         let direct = leg.direct;
@@ -573,7 +582,9 @@ impl Engine {
     /// Submits what is queued and waits for `want` completions. Without anything queued and
     /// nothing to wait for there is no system call.
     pub(super) fn enter(&mut self, want: usize) {
-        if want == 0 && self.ring.submission().is_empty() {
+        // After a loss the SQ still holds entries whose requests have been completed (their
+        // buffers given back): the kernel must never see them.
+        if self.lost || (want == 0 && self.ring.submission().is_empty()) {
             return;
         }
         match self.ring.submit_and_wait(want) {
@@ -784,7 +795,10 @@ impl Engine {
         self.busy = self.busy.saturating_sub(1);
         self.free.push(idx as u32);
         match leg {
-            Some(leg) => self.done.push(Done { leg, tag, result }),
+            Some(leg) => {
+                leg.held.fetch_sub(1, Ordering::AcqRel);
+                self.done.push(Done { leg, tag, result })
+            }
             None => log::error!("{}: request {tag} finished without a leg", self.name()),
         }
     }
@@ -817,17 +831,24 @@ impl Engine {
         self.lost = true;
         log::error!("{}: lost: {reason}", self.name());
         let err = LegError::Lost(reason);
-        if let Some(own) = &self.own {
-            own.shared.kill(err.clone());
-            self.death = own.shared.death();
+        // A leg's own ring is the leg: it is lost with it. A reactor's ring is a queue's, and
+        // its failure says nothing about the legs: what the kernel took completes as the kernel
+        // says, only what it never saw fails, and later requests go through the legs' threads.
+        let Some(own) = &self.own else {
+            self.fail_unconsumed();
+            return;
+        };
+        own.shared.kill(err.clone());
+        self.death = own.shared.death();
+        self.fail_unconsumed();
+        for slot in self.slots.iter_mut().filter(|s| s.busy) {
+            slot.failure.get_or_insert_with(|| err.clone());
         }
-        for slot in self.slots.iter().filter(|s| s.busy) {
-            if let Some(leg) = &slot.leg {
-                leg.kill(err.clone());
-            }
-        }
-        // We never call io_uring_enter again (and use no SQ polling), so whatever is still in
-        // the SQ will never reach the kernel.
+    }
+
+    /// After the ring failed: completes the requests whose SQE the kernel never consumed (no
+    /// `io_uring_enter` follows a loss, and no SQ polling is set up, so it never will).
+    fn fail_unconsumed(&mut self) {
         let pending = self.ring.submission().len();
         let consumed = self.unconsumed.len().saturating_sub(pending);
         let never: Vec<u64> = self.unconsumed.drain(..).skip(consumed).collect();
@@ -848,11 +869,6 @@ impl Engine {
                     self.finish(idx, Err(err));
                 }
             }
-        }
-        for slot in self.slots.iter_mut().filter(|s| s.busy) {
-            let death = slot.leg.as_ref().and_then(|leg| leg.death());
-            slot.failure
-                .get_or_insert_with(|| death.unwrap_or_else(|| err.clone()));
         }
     }
 }

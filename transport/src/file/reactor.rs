@@ -18,12 +18,12 @@
 
 use std::cell::Cell;
 use std::io;
+use std::mem::ManuallyDrop;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
 
@@ -38,7 +38,8 @@ thread_local! {
 
 /// One thread's io_uring for its file-leg requests. See the module documentation.
 pub struct Reactor {
-    state: Mutex<State>,
+    /// Dropped only once nothing is in the kernel (see `Drop`).
+    state: ManuallyDrop<Mutex<State>>,
     kick: Arc<Kick>,
 }
 
@@ -53,7 +54,7 @@ pub(super) struct Kick {
 impl Kick {
     /// A leg this reactor served has died: its requests here must be cancelled.
     pub(super) fn fire(&self) {
-        self.deaths.fetch_add(1, Ordering::AcqRel);
+        self.deaths.fetch_add(1, Ordering::Release);
         write_eventfd(self.eventfd.as_raw_fd());
     }
 }
@@ -84,12 +85,12 @@ impl Reactor {
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Reactor {
-            state: Mutex::new(State {
+            state: ManuallyDrop::new(Mutex::new(State {
                 engine: Engine::for_reactor(ring),
                 watched: Vec::new(),
                 deaths_seen: 0,
                 spare: Vec::new(),
-            }),
+            })),
             kick: Arc::new(Kick {
                 eventfd,
                 deaths: AtomicU64::new(0),
@@ -129,25 +130,39 @@ impl Reactor {
     }
 
     /// Whether [`Reactor::poll`] has something to do: a completion is waiting or a leg died.
-    /// Cheap; for a thread that spins looking for work.
+    /// An uncontended lock and two loads; for a thread that spins looking for work.
     pub fn has_work(&self) -> bool {
         let mut st = self.lock();
         st.engine.cq_ready() || self.kick.deaths.load(Ordering::Acquire) != st.deaths_seen
     }
 
-    /// Completes what the kernel has finished, submitting nothing. For any thread, such as one
-    /// that drains the requests of an owner that has exited (a task's requests all finish
-    /// before it is gone).
-    pub fn reap(&self) {
-        let mut done = {
-            let mut st = self.lock();
-            st.engine.reap();
-            let mut done = std::mem::take(&mut st.spare);
-            st.engine.take_done(&mut done);
-            done
-        };
-        if !done.is_empty() {
-            crate::batch::run(|| Engine::deliver(&mut done));
+    /// Drives the reactor from this thread until it holds nothing, or `limit` passes; says
+    /// whether it got there. For a thread that takes over from an owner that has exited with
+    /// requests still in the ring (or that is about to drop the reactor): it waits on the fd,
+    /// submits what completions push and cancels the requests of legs that die. The calling
+    /// thread becomes the submitter of whatever it pushes, so it must not exit before this
+    /// returns.
+    pub fn settle(&self, limit: Duration) -> bool {
+        let start = Instant::now();
+        loop {
+            self.enter(|| ());
+            if self.in_flight() == 0 {
+                return true;
+            }
+            let left = limit.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return false;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().clamp(1, 100) as libc::c_int;
+            // SAFETY: one valid pollfd, as the count says.
+            if unsafe { libc::poll(&mut pfd, 1, ms) } == 1 {
+                read_eventfd(self.fd());
+            }
         }
     }
 
@@ -183,9 +198,15 @@ impl Reactor {
                 st.engine.reap();
                 st.engine.take_done(&mut done);
                 if done.is_empty() {
+                    // What the reap pushed (the rest of a short transfer, a retry, a zeroing
+                    // fallback) has not reached the kernel yet: nothing would ever wake us.
+                    if st.engine.sq_pending() {
+                        continue;
+                    }
                     st.engine.eventfd_notifications(true);
                     // A completion posted between the reap and the enable signalled nothing:
-                    // look once more (the enable is a locked instruction, a full barrier).
+                    // look once more, after a full barrier against the kernel's post-then-check.
+                    fence(Ordering::SeqCst);
                     if !st.engine.cq_ready() {
                         st.spare = done;
                         return;
@@ -231,26 +252,24 @@ impl Reactor {
     }
 }
 
+/// How long a dropped reactor waits for the requests it still holds.
+const DROP_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Reactor {
     fn drop(&mut self) {
-        // The kernel may still read or fill the buffers of requests in flight: wait for them.
-        let mut nap = Duration::from_millis(1);
-        loop {
-            self.flush();
-            let mut st = self.lock();
-            if st.engine.outstanding() == 0 {
-                return;
-            }
-            if st.engine.is_lost() {
-                // No more io_uring_enter: the kernel still posts completions, which show up
-                // in the CQ.
-                drop(st);
-                thread::sleep(nap);
-                nap = (nap * 2).min(Duration::from_millis(50));
-                continue;
-            }
-            st.engine.enter(1);
+        // The kernel may still read or fill the buffers of requests in flight.
+        if self.settle(DROP_WAIT) {
+            // SAFETY: `state` is dropped only here, once, and `self` is not used after.
+            unsafe { ManuallyDrop::drop(&mut self.state) };
+            return;
         }
+        // A hung device: whoever drops us must not hang with it, and nothing the kernel may
+        // still touch (the ring, bounce buffers, the requests' hold on guest memory) may go.
+        log::error!(
+            "a queue's io_uring still holds {} requests after {DROP_WAIT:?}; leaving them to the \
+             kernel and leaking the ring",
+            self.in_flight()
+        );
     }
 }
 
@@ -259,9 +278,18 @@ fn write_eventfd(fd: RawFd) {
     loop {
         // SAFETY: writes 8 bytes from a live local to an eventfd we own.
         let r = unsafe { libc::write(fd, ptr::addr_of!(one).cast(), std::mem::size_of::<u64>()) };
-        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            // EAGAIN means the counter is already set, which is all a wake-up needs.
+        if r >= 0 {
             return;
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => {}
+            // The counter is at its maximum: a wake-up is pending anyway.
+            Some(libc::EAGAIN) => return,
+            _ => {
+                log::error!("cannot wake a queue's io_uring: {err}");
+                return;
+            }
         }
     }
 }
