@@ -1788,11 +1788,8 @@ mod tests {
             revents: 0,
         };
         // SAFETY: one valid pollfd, as the count says.
-        assert_eq!(
-            unsafe { libc::poll(&mut pfd, 1, 1000) },
-            1,
-            "its fd is readable"
-        );
+        let ready = unsafe { libc::poll(&mut pfd, 1, 1000) };
+        assert_eq!(ready, 1, "its fd is readable");
         reactor.poll();
         assert!(!reactor.has_work());
         reactor.enter(|| {
