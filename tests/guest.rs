@@ -4,7 +4,8 @@
 //! crc32c verify headers and reads everything back. Three seconds after fio starts one leg's
 //! server is killed, hung, made to fail every request, or (slow leg) delays every write; the guest
 //! must see nothing: fio exits 0 with no verify error and the guest kernel logs no I/O error.
-//! When the leg is back and resynced, both legs must hold the same data, byte for byte.
+//! When the leg is back and resynced, both legs must hold the same data, byte for byte. One test
+//! runs the same over two `file:` legs, failing one from the control socket.
 //!
 //! `VHM_SKIP_GUEST=1` skips these tests (loudly); otherwise a missing QEMU, kernel, busybox or fio
 //! is installed by `scripts/guest-image`, and a failure to do so fails the tests.
@@ -673,6 +674,33 @@ fn guest_survives_leg_lost_and_resynced_mid_run() {
     assert_legs_identical(&mut r);
     eprintln!(
         "guest_survives_leg_lost_and_resynced_mid_run: {:.1}s",
+        t0.elapsed().as_secs_f64()
+    );
+}
+
+/// (f) Two `file:` legs, which the queue's worker drives through its own io_uring: an operator
+/// fails leg 1 (`ctl fail-leg`) 3 s into fio, while the worker's ring holds its writes; the
+/// guest sees nothing, and after the run leg 1 is re-added and resynced.
+#[test]
+fn guest_on_file_legs_survives_a_failed_leg() {
+    let Some(img) = guest_image() else { return };
+    let mut r = Rig::files("g-files", &["--io-timeout", IO_TIMEOUT_MS]);
+    let t0 = Instant::now(); // after the rig: not counting the wait for the lock
+    let mut failed = false;
+    run_guest(&mut r, img, |r, el| {
+        if el >= FAULT_AT && !failed {
+            let ok = ctl(&r.daemon.control, r#"{"cmd":"fail-leg","leg":1}"#);
+            assert_eq!(ok["ok"], true, "{ok}");
+            failed = true;
+        }
+    });
+    assert!(failed, "the guest finished before the fault");
+    assert_eq!(r.daemon.leg_state(1), "failed");
+    re_add(&r, 1);
+    r.wait_leg(1, "uptodate", Duration::from_secs(60));
+    assert_legs_identical(&mut r);
+    eprintln!(
+        "guest_on_file_legs_survives_a_failed_leg: {:.1}s",
         t0.elapsed().as_secs_f64()
     );
 }

@@ -521,7 +521,8 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 /// Size of the test legs.
 pub const DISK: u64 = 64 << 20;
 
-/// Two nbdkit legs over image files in a scratch directory, and the daemon over them.
+/// Two nbdkit legs over image files in a scratch directory, and the daemon over them (or, from
+/// [`Rig::files`], the daemon straight over the files as `file:` legs).
 pub struct Rig {
     // Fields drop in order: the daemon before its legs, the lock last.
     pub daemon: Daemon,
@@ -585,7 +586,28 @@ impl Rig {
         Rig::start(name, [&[], &[]], [&[], &[]], extra)
     }
 
+    /// Two `file:` legs over the images, no servers.
+    pub fn files(name: &str, extra: &[&str]) -> Rig {
+        let serial = exclusive();
+        let dir = TempDir::new(name);
+        for i in 0..2 {
+            image(&dir.path(&format!("leg{i}.img")), DISK);
+        }
+        let uris = file_uris(&dir);
+        create(&uris, &["--assume-clean"]);
+        let daemon = Daemon::start(&dir, &uris, extra);
+        Rig {
+            daemon,
+            legs: Vec::new(),
+            dir,
+            _serial: serial,
+        }
+    }
+
     pub fn uris(&self) -> Vec<String> {
+        if self.legs.is_empty() {
+            return file_uris(&self.dir);
+        }
         self.legs.iter().map(|l| l.uri()).collect()
     }
 
@@ -603,6 +625,12 @@ impl Rig {
         let uris = self.uris();
         self.daemon = Daemon::start(&self.dir, &uris, extra);
     }
+}
+
+fn file_uris(dir: &TempDir) -> Vec<String> {
+    (0..2)
+        .map(|i| format!("file:{}", dir.path(&format!("leg{i}.img")).display()))
+        .collect()
 }
 
 /// Deterministic test data.
