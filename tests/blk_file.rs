@@ -5,30 +5,7 @@ mod common;
 use common::*;
 use std::time::Duration;
 
-const DISK: u64 = 64 << 20;
 const BLOCKS: u64 = 4096;
-
-/// Two images on a real file system (O_DIRECT works there; /tmp may be tmpfs), created clean.
-fn file_legs(dir: &TempDir) -> Vec<String> {
-    let legs: Vec<String> = (0..2)
-        .map(|i| {
-            let p = dir.path(&format!("leg{i}.img"));
-            image(&p, DISK);
-            format!("file:{}", p.display())
-        })
-        .collect();
-    create(&legs, &["--assume-clean"]);
-    legs
-}
-
-fn var_tmp(name: &str) -> TempDir {
-    let dir = TempDir(
-        std::path::PathBuf::from("/var/tmp").join(format!("vhm-{name}-{}", std::process::id())),
-    );
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).unwrap();
-    dir
-}
 
 /// Voluntary context switches (sleeps) of the daemon's threads called `name`, so far.
 fn sleeps_of(pid: u32, name: &str) -> u64 {
@@ -70,7 +47,7 @@ fn assert_legs_equal(dir: &TempDir) {
 fn file_leg_io_stays_on_the_queue_worker() {
     let _serial = exclusive();
     for leg_threads in [false, true] {
-        let dir = var_tmp(if leg_threads {
+        let dir = TempDir::on_disk(if leg_threads {
             "legthreads"
         } else {
             "queuering"
@@ -110,7 +87,7 @@ fn file_leg_io_stays_on_the_queue_worker() {
 #[test]
 fn a_file_leg_failed_under_load_comes_back_in_sync() {
     let _serial = exclusive();
-    let dir = var_tmp("filefail");
+    let dir = TempDir::on_disk("filefail");
     let legs = file_legs(&dir);
     let mut d = Daemon::start(&dir, &legs, &[]);
     let mut c = Client::connect(&d.socket, 32);
@@ -146,7 +123,7 @@ fn a_file_leg_failed_under_load_comes_back_in_sync() {
 #[test]
 fn a_frontend_that_leaves_with_file_io_in_flight() {
     let _serial = exclusive();
-    let dir = var_tmp("fileleave");
+    let dir = TempDir::on_disk("fileleave");
     let legs = file_legs(&dir);
     let mut d = Daemon::start(&dir, &legs, &[]);
     for round in 0..3u8 {
@@ -184,7 +161,7 @@ fn a_frontend_that_leaves_with_file_io_in_flight() {
 #[test]
 fn each_queue_worker_drives_its_own_ring() {
     let _serial = exclusive();
-    let dir = var_tmp("tworings");
+    let dir = TempDir::on_disk("tworings");
     let legs = file_legs(&dir);
     let mut d = Daemon::start(&dir, &legs, &["--num-queues", "2"]);
     let (mut c, mut extra) = Client::connect_queues(&d.socket, 16, 2);

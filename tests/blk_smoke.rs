@@ -71,19 +71,8 @@ fn multiple_queues_all_serve() {
 #[test]
 fn file_legs_mirror_and_match() {
     let _serial = exclusive();
-    // /var/tmp is a real filesystem (O_DIRECT works); /tmp may be tmpfs.
-    let base = std::path::PathBuf::from("/var/tmp");
-    let dir = TempDir(base.join(format!("vhm-filelegs-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(&dir.0).unwrap();
-    let legs: Vec<String> = (0..2)
-        .map(|i| {
-            let p = dir.path(&format!("leg{i}.img"));
-            image(&p, DISK);
-            format!("file:{}", p.display())
-        })
-        .collect();
-    create(&legs, &["--assume-clean"]);
+    let dir = TempDir::on_disk("filelegs");
+    let legs = file_legs(&dir);
     let mut d = Daemon::start(&dir, &legs, &[]);
     let mut c = Client::connect(&d.socket, 16);
     let rep = stamped_workload(&mut c, 4096, 16, std::time::Duration::from_secs(2), |_| {});

@@ -16,7 +16,16 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("vhm-{name}-{}", std::process::id()));
+        TempDir::under(&std::env::temp_dir(), name)
+    }
+
+    /// On a real file system, where O_DIRECT reaches a disk (/tmp may be tmpfs).
+    pub fn on_disk(name: &str) -> TempDir {
+        TempDir::under(Path::new("/var/tmp"), name)
+    }
+
+    fn under(base: &Path, name: &str) -> TempDir {
+        let p = base.join(format!("vhm-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).unwrap();
         TempDir(p)
@@ -590,11 +599,7 @@ impl Rig {
     pub fn files(name: &str, extra: &[&str]) -> Rig {
         let serial = exclusive();
         let dir = TempDir::new(name);
-        for i in 0..2 {
-            image(&dir.path(&format!("leg{i}.img")), DISK);
-        }
-        let uris = file_uris(&dir);
-        create(&uris, &["--assume-clean"]);
+        let uris = file_legs(&dir);
         let daemon = Daemon::start(&dir, &uris, extra);
         Rig {
             daemon,
@@ -625,6 +630,17 @@ impl Rig {
         let uris = self.uris();
         self.daemon = Daemon::start(&self.dir, &uris, extra);
     }
+}
+
+/// Two `DISK`-sized images in `dir` (`leg0.img`, `leg1.img`) as `file:` legs, created clean
+/// (`vhost-mirror create --assume-clean`).
+pub fn file_legs(dir: &TempDir) -> Vec<String> {
+    for i in 0..2 {
+        image(&dir.path(&format!("leg{i}.img")), DISK);
+    }
+    let uris = file_uris(dir);
+    create(&uris, &["--assume-clean"]);
+    uris
 }
 
 fn file_uris(dir: &TempDir) -> Vec<String> {
