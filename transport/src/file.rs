@@ -1622,15 +1622,9 @@ mod tests {
                 "{} of {n} completions",
                 got.len()
             );
-            let mut pfd = libc::pollfd {
-                fd: reactor.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
             // Only when its fd says so: a request the reactor failed to hand to the kernel
             // would never make it readable, and the owner would sleep on.
-            // SAFETY: one valid pollfd, as the count says.
-            if unsafe { libc::poll(&mut pfd, 1, 100) } == 1 {
+            if reactor.wait(Duration::from_millis(100)) {
                 reactor.poll();
             }
             got.extend(rx.try_iter());
@@ -1782,14 +1776,7 @@ mod tests {
         assert!(!reactor.has_work());
         leg.abort("test abort");
         assert!(reactor.has_work(), "the abort must reach the reactor");
-        let mut pfd = libc::pollfd {
-            fd: reactor.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, as the count says.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 1000) };
-        assert_eq!(ready, 1, "its fd is readable");
+        assert!(reactor.wait(Duration::from_secs(1)), "its fd is readable");
         reactor.poll();
         assert!(!reactor.has_work());
         reactor.enter(|| {

@@ -153,17 +153,23 @@ impl Reactor {
             if left.is_zero() {
                 return false;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = left.as_millis().clamp(1, 100) as libc::c_int;
-            // SAFETY: one valid pollfd, as the count says.
-            if unsafe { libc::poll(&mut pfd, 1, ms) } == 1 {
+            if self.wait(left.min(Duration::from_millis(100))) {
                 read_eventfd(self.fd());
             }
         }
+    }
+
+    /// Waits up to `limit` (at least a millisecond) for [`Reactor::fd`] to become readable, as
+    /// an owner's event loop would; says whether it did.
+    pub fn wait(&self, limit: Duration) -> bool {
+        let mut pfd = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = limit.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd, as the count says.
+        unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
     }
 
     /// Requests this reactor holds that have not completed.
