@@ -71,10 +71,7 @@ const BLKGETSIZE64: u32 =
 
 /// A local file or block device. See the module documentation.
 pub struct FileLeg {
-    uri: String,
     info: LegInfo,
-    /// Whether the main descriptor uses O_DIRECT (false after a fallback).
-    direct: bool,
     shared: Arc<Shared>,
     /// `None` only while dropping.
     tx: Option<Sender<LegRequest>>,
@@ -87,15 +84,20 @@ pub struct FileLeg {
 impl fmt::Debug for FileLeg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("FileLeg")
-            .field("uri", &self.uri)
+            .field("uri", &self.shared.uri)
             .field("info", &self.info)
-            .field("direct", &self.direct)
+            .field("direct", &self.direct())
             .field("alive", &self.is_alive())
             .finish()
     }
 }
 
 impl FileLeg {
+    /// Whether the main descriptor uses O_DIRECT (false after a fallback).
+    fn direct(&self) -> bool {
+        self.shared.direct
+    }
+
     /// Opens `path` (a regular file or a block device), with O_DIRECT when `direct` and the file
     /// system allows it, and starts its ring thread. Completions go to `sink`.
     pub fn open(
@@ -247,7 +249,6 @@ impl FileLeg {
             if read_only { ", read-only" } else { "" }
         );
         Ok(FileLeg {
-            uri,
             info: LegInfo {
                 capacity,
                 block_size,
@@ -257,7 +258,6 @@ impl FileLeg {
                 write_zeroes: true,
                 read_only,
             },
-            direct,
             shared,
             tx: Some(tx),
             thread: Some(thread),
@@ -297,7 +297,7 @@ impl FileLeg {
 
 impl BlockLeg for FileLeg {
     fn uri(&self) -> &str {
-        &self.uri
+        &self.shared.uri
     }
 
     fn info(&self) -> &LegInfo {
@@ -339,7 +339,7 @@ impl BlockLeg for FileLeg {
 
     fn abort(&self, reason: &str) {
         if self.shared.kill(LegError::Aborted(reason.to_string())) {
-            log::info!("leg {}: aborted: {reason}", self.uri);
+            log::info!("leg {}: aborted: {reason}", self.shared.uri);
         }
         self.shared.wake();
     }
@@ -377,7 +377,7 @@ impl Drop for FileLeg {
                 return;
             }
             if handle.join().is_err() {
-                log::error!("leg {}: the I/O thread panicked", self.uri);
+                log::error!("leg {}: the I/O thread panicked", self.shared.uri);
             }
         }
     }
@@ -909,7 +909,7 @@ mod tests {
             .map(|_| (0..SEGS).map(|_| TBuf::new(SEG)).collect())
             .collect();
         let (leg, rx) = open(&path, true, false);
-        assert!(leg.direct, "O_DIRECT should work on a real file system");
+        assert!(leg.direct(), "O_DIRECT should work on a real file system");
         assert!(leg.is_alive());
         assert_eq!(leg.info().capacity, (REQS * REQ_LEN) as u64);
         assert_eq!(leg.info().block_size, 512);
@@ -968,7 +968,7 @@ mod tests {
         let (a, b, c) = (TBuf::new(4096), TBuf::new(4096), TBuf::new(4096));
         let (r1, r2, r3) = (TBuf::new(4096), TBuf::new(8192), TBuf::new(4096));
         let (leg, rx) = open(&path, true, false);
-        assert!(leg.direct);
+        assert!(leg.direct());
 
         // 100 + 4000 + 4092 = 8192 bytes at an aligned offset, from odd addresses.
         let data = pattern(7, 8192);
@@ -1001,7 +1001,7 @@ mod tests {
         let dir = TempDir::real();
         let path = dir.file("disk.img", 1 << 20);
         let (leg, rx) = open(&path, true, false);
-        assert!(leg.direct);
+        assert!(leg.direct());
         let data = pattern(3, 1000);
         write_from(&leg, &rx, 700, &data);
         // Unaligned read of the same range, then an aligned (O_DIRECT) read around it.
@@ -1060,7 +1060,7 @@ mod tests {
         assert!(read_into(&leg, &rx, 65536, 8192) == data);
         // Flush on a buffered leg too.
         let (leg2, rx2) = open(&path, false, false);
-        assert!(!leg2.direct);
+        assert!(!leg2.direct());
         assert_eq!(run(&leg2, &rx2, 3, LegOp::Flush), Ok(()));
     }
 
@@ -1136,7 +1136,7 @@ mod tests {
         let dir = TempDir::real();
         let path = dir.file("disk.img", 12 << 20);
         let (leg, rx) = open(&path, true, false);
-        assert!(leg.direct);
+        assert!(leg.direct());
         check_zeroing(&leg, &rx);
     }
 
@@ -1178,7 +1178,7 @@ mod tests {
         let opened = try_open(&path, true, false);
         REFUSE_O_DIRECT.with(|r| r.set(false));
         let (leg, rx) = opened.unwrap();
-        assert!(!leg.direct, "the leg must fall back to buffered I/O");
+        assert!(!leg.direct(), "the leg must fall back to buffered I/O");
         check_buffered_leg(&leg, &rx);
     }
 
@@ -1196,7 +1196,7 @@ mod tests {
             let path = dir.file("disk.img", 12 << 20);
             let (leg, rx) = open(&path, true, false);
             assert!(
-                !leg.direct,
+                !leg.direct(),
                 "ramfs refuses O_DIRECT, the leg must fall back"
             );
             check_buffered_leg(&leg, &rx);
@@ -1532,7 +1532,7 @@ mod tests {
         let dev = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         let result = std::panic::catch_unwind(|| {
             let (leg, rx) = open(&dev, true, false);
-            assert!(leg.direct);
+            assert!(leg.direct());
             assert_eq!(leg.info().capacity, 16 << 20);
             assert_eq!(leg.info().block_size, 512);
             let data = pattern(42, 1 << 20);
