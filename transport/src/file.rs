@@ -1881,4 +1881,97 @@ mod tests {
         drop(leg);
         assert!(std::fs::read(&path).unwrap().iter().all(|&b| b == 0));
     }
+
+    /// A queue's ring that fails is the queue's problem, not the legs': what the kernel took
+    /// completes as the kernel says, only what it never saw fails, the legs stay alive and
+    /// later requests go through their own threads.
+    #[test]
+    fn a_broken_reactor_ring_spares_the_legs() {
+        const REQS: usize = 64;
+        const LEN: usize = 1 << 20;
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", (REQS * LEN) as u64);
+        let bufs: Vec<TBuf> = (0..REQS).map(|_| TBuf::new(LEN)).collect();
+        let (sink, rx) = thread_sink();
+        let leg = open_with(&path, &sink);
+        let reactor = Reactor::new().unwrap();
+        reactor.enter(|| {
+            for (i, t) in bufs.iter().enumerate() {
+                let op = LegOp::Write {
+                    offset: (i * LEN) as u64,
+                    bufs: buffers(&[(t, 0, LEN)]),
+                    fua: true,
+                };
+                leg.submit(LegRequest { tag: i as Tag, op });
+            }
+        });
+        let mut done = poll_until(&reactor, &rx, 1);
+        // Replace the ring's descriptor with /dev/null: the next io_uring_enter fails.
+        let null = File::open("/dev/null").unwrap();
+        // SAFETY: both descriptors are open; dup2 only swaps what the ring's descriptor refers
+        // to, and the ring stays alive through its memory mappings.
+        assert!(unsafe { libc::dup2(null.as_raw_fd(), reactor.ring_fd()) } >= 0);
+        let t = TBuf::new(4096);
+        reactor.enter(|| {
+            leg.submit(LegRequest {
+                tag: 500,
+                op: write_op(&t, 0, 4096, 0),
+            })
+        });
+        done.extend(poll_until(&reactor, &rx, REQS + 1 - done.len()));
+        let me = thread::current().id();
+        for (tag, result, thread) in &done {
+            assert_eq!(*thread, me, "tag {tag}");
+            if *tag == 500 {
+                assert!(matches!(result, Err(LegError::Lost(_))), "{result:?}");
+            } else {
+                assert_eq!(*result, Ok(()), "tag {tag}: the kernel had taken it");
+            }
+        }
+        assert!(
+            leg.is_alive(),
+            "a queue's ring failure must not kill the leg"
+        );
+        reactor.enter(|| {
+            leg.submit(LegRequest {
+                tag: 501,
+                op: write_op(&t, 0, 4096, 0),
+            })
+        });
+        let (tag, result, thread) = rx.recv_timeout(Duration::from_secs(20)).unwrap();
+        assert_eq!((tag, result), (501, Ok(())));
+        assert_ne!(
+            thread, me,
+            "after the loss the leg's own thread takes requests"
+        );
+    }
+
+    /// Requests held in a reactor's ring keep a leg from being quiet, as a repair through a new
+    /// handle must wait for them.
+    #[test]
+    fn wait_quiet_waits_for_the_requests_a_reactor_holds() {
+        const REQS: usize = 200;
+        const LEN: usize = 256 << 10;
+        let dir = TempDir::real();
+        let path = dir.file("disk.img", (REQS * LEN) as u64);
+        let bufs: Vec<TBuf> = (0..REQS).map(|_| TBuf::new(LEN)).collect();
+        let (sink, rx) = thread_sink();
+        let leg = open_with(&path, &sink);
+        assert!(leg.wait_quiet(Duration::ZERO));
+        let reactor = Reactor::new().unwrap();
+        reactor.enter(|| {
+            for (i, t) in bufs.iter().enumerate() {
+                let op = LegOp::Write {
+                    offset: (i * LEN) as u64,
+                    bufs: buffers(&[(t, 0, LEN)]),
+                    fua: true,
+                };
+                leg.submit(LegRequest { tag: i as Tag, op });
+            }
+        });
+        // 50 MiB of synchronous writes are not done yet.
+        assert!(!leg.wait_quiet(Duration::ZERO));
+        poll_until(&reactor, &rx, REQS);
+        assert!(leg.wait_quiet(Duration::ZERO));
+    }
 }

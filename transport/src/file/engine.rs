@@ -184,6 +184,12 @@ impl Engine {
         Engine::new(ring, None)
     }
 
+    /// The ring's descriptor, so tests can break the ring from outside.
+    #[cfg(test)]
+    pub(super) fn ring_fd(&self) -> std::os::fd::RawFd {
+        self.ring.as_raw_fd()
+    }
+
     /// Whether SQEs wait to be handed to the kernel (a reap may push some: the rest of a short
     /// transfer, a retry, a zeroing fallback).
     pub(super) fn sq_pending(&mut self) -> bool {

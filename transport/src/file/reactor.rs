@@ -172,6 +172,12 @@ impl Reactor {
         unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
     }
 
+    /// The ring's descriptor, so tests can break the ring from outside.
+    #[cfg(test)]
+    pub(super) fn ring_fd(&self) -> RawFd {
+        self.lock().engine.ring_fd()
+    }
+
     /// Requests this reactor holds that have not completed.
     pub fn in_flight(&self) -> usize {
         self.lock().engine.outstanding()
