@@ -18,7 +18,10 @@
 //!   reads read payloads straight into the caller's buffers (copying only what of a payload
 //!   arrived with the headers) and completes each burst of replies as one [`crate::batch`], so
 //!   their answers reach the guest together. It is also the only thread that fails the
-//!   outstanding requests once the leg is dead.
+//!   outstanding requests once the leg is dead. A virtqueue's worker that submits to the leg
+//!   inside a [`Reaper`] takes the reading over while the leg is alive (see [`reaper`]): the
+//!   worker then reads the replies itself when its epoll says the socket is readable, and the
+//!   reader thread sleeps until the worker gives the connection back or the leg dies.
 //!
 //! All bookkeeping lives in one mutex ([`State`]): the in-flight map from NBD handle to request,
 //! the commands not yet handed to a writer, the dead flag and the writers' progress. The
@@ -30,7 +33,9 @@
 //!    to the channel or to one inline writer, and an inline writer starts only when the channel,
 //!    the sender and the carry are empty; so commands reach the socket in handle order.
 //! 2. An entry is completed only by whoever removed it from the map: the reader on a reply, or
-//!    the reader's final drain after the leg died. Nobody else removes entries.
+//!    the reader's final drain after the leg died. Nobody else removes entries. "The reader" is
+//!    whoever holds the reading side ([`Shared::reading`]): the reader thread or, while a
+//!    reaper has adopted the leg, the reaper's thread; the drain is always the reader thread's.
 //! 3. The reader removes a read's entry before filling its buffers and completes it only after
 //!    the payload arrived (or the connection failed), so a completed read's buffers are never
 //!    written again.
@@ -66,7 +71,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError, Weak};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -75,6 +80,10 @@ use crossbeam_channel::{Receiver, Sender};
 use crate::block::{BlockLeg, Buffers, CompletionSink, LegError, LegInfo, LegOp, LegRequest, Tag};
 use crate::spec::NbdAddress;
 use crate::{OpenError, OpenOptions};
+
+pub mod reaper;
+
+pub use reaper::Reaper;
 
 /// Wire constants from the NBD protocol specification (doc/proto.md).
 mod proto {
@@ -176,6 +185,12 @@ struct Shared {
     /// Signalled when `sent_upto`, `sending`, `inline`, `dead`, `sender_exited` or `quiet`
     /// change.
     cv: Condvar,
+    /// The receiving side of the connection. Whoever holds this lock reads the socket: the
+    /// reader thread, or the worker of the [`Reaper`] that adopted the leg. Never held while
+    /// waiting for the socket.
+    reading: Mutex<Reading>,
+    /// A reaper reads the replies (`State::reaper`); the reader thread sleeps meanwhile.
+    adopted: AtomicBool,
 }
 
 struct State {
@@ -207,6 +222,38 @@ struct State {
     quiet: bool,
     /// Set by a drop: until when the reader lingers on a dead connection.
     linger_until: Option<Instant>,
+    /// The reaper that reads the replies, while one does.
+    reaper: Option<Weak<reaper::Core>>,
+}
+
+/// Where the reading of the reply stream stands; see [`Shared::reading`].
+struct Reading {
+    replies: ReplyBuffer,
+    /// The iovecs of the payload being received.
+    scratch: Vec<libc::iovec>,
+    /// A read reply whose payload has not all arrived yet.
+    partial: Option<PartialRead>,
+    /// Why the connection is over, found by a reaper that then gave it back to the reader
+    /// thread, which fails what is outstanding.
+    ended: Option<(String, End)>,
+}
+
+// SAFETY: the raw pointers in `scratch` point into the reply buffer (owned by `replies`, a
+// heap allocation that does not move with `Reading`) and into the read buffers of the request
+// `partial` holds, whose submitter keeps them valid until that request completes, whichever
+// thread completes it (`Buffers` is `Send` for the same reason). `Reading` is only used under
+// its mutex, by one thread at a time.
+unsafe impl Send for Reading {}
+
+/// A read whose payload is partly received. Its entry is out of the map (module invariant 3):
+/// nobody else completes it or touches its buffers.
+struct PartialRead {
+    entry: Entry,
+    /// The payload's rest is `scratch[start..payload_iovs]`; `scratch[payload_iovs]` is the
+    /// reply buffer, so replies that follow the payload arrive in the same call.
+    start: usize,
+    payload_iovs: usize,
+    left: usize,
 }
 
 /// One NBD command in flight.
@@ -347,8 +394,16 @@ impl NbdLeg {
                 sender_exited: false,
                 quiet: false,
                 linger_until: None,
+                reaper: None,
             }),
             cv: Condvar::new(),
+            reading: Mutex::new(Reading {
+                replies: ReplyBuffer::new(),
+                scratch: Vec::new(),
+                partial: None,
+                ended: None,
+            }),
+            adopted: AtomicBool::new(false),
         });
         let block = u64::from(info.block_size);
         let mut leg = NbdLeg {
@@ -568,7 +623,12 @@ impl BlockLeg for NbdLeg {
                 let dead = sh.lock().dead.clone();
                 sh.sink.complete(req.tag, dead.map_or(Ok(()), Err));
             }
-            Ok(Some(p)) => self.enqueue(req.tag, p),
+            Ok(Some(p)) => {
+                if !sh.adopted.load(Ordering::Relaxed) {
+                    reaper::adopt_here(&self.shared);
+                }
+                self.enqueue(req.tag, p)
+            }
         }
     }
 
@@ -730,12 +790,40 @@ impl Shared {
 
     /// Wakes the reader and the sender if they wait in `poll`.
     fn kick(&self) {
-        let one = 1u64.to_ne_bytes();
-        for fd in [&self.wake, &self.wake_send] {
-            // SAFETY: writes 8 bytes from a live local array to our own eventfd. A full counter
-            // (EAGAIN) means a wake-up is pending anyway.
-            unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+        write_eventfd(&self.wake);
+        write_eventfd(&self.wake_send);
+    }
+
+    /// Wakes the reader thread alone: to stop reading (a reaper adopted the leg) or to start
+    /// again (the reaper gave it back).
+    fn wake_reader(&self) {
+        write_eventfd(&self.wake);
+    }
+
+    /// Locks the reading side; poisoning is ignored as for [`Shared::lock`].
+    fn reading(&self) -> MutexGuard<'_, Reading> {
+        self.reading.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The reading side, unless someone else holds it now.
+    fn try_reading(&self) -> Option<MutexGuard<'_, Reading>> {
+        match self.reading.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
         }
+    }
+
+    /// Takes the reading back from the reaper that adopted the leg, if any: the reaper stops
+    /// watching the socket and forgets the leg, and the reader thread is woken to read.
+    /// Whoever holds [`Shared::reading`] meanwhile finishes what it is doing first.
+    fn release(&self) {
+        let core = self.lock().reaper.take();
+        if let Some(core) = core.and_then(|w| w.upgrade()) {
+            core.forget(self.fd.as_raw_fd());
+        }
+        self.adopted.store(false, Ordering::Release);
+        self.wake_reader();
     }
 
     /// Our end-of-file to the server.
@@ -1412,6 +1500,14 @@ fn eventfd() -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Adds one to an eventfd's counter.
+fn write_eventfd(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live local array to our own eventfd. A full counter (EAGAIN)
+    // means a wake-up is pending anyway.
+    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
+}
+
 /// Resets an eventfd's counter.
 fn clear_eventfd(fd: &OwnedFd) {
     let mut b = [0u8; 8];
@@ -1438,28 +1534,36 @@ fn advance(iov: &mut [libc::iovec], start: &mut usize, mut n: usize) {
 
 fn reader_main(shared: Arc<Shared>) {
     let _exit = ReaderExit(&shared);
-    let mut replies = ReplyBuffer::new();
-    let mut scratch: Vec<libc::iovec> = Vec::new();
     let (why, end) = loop {
-        // The replies that arrived together are completed as one batch: their answers reach
-        // the guest under one lock of its queue and with one notification. Whatever the batch
-        // holds is released before the reader waits inside it (the rest of a payload, a
-        // write's publication), and a long stream of replies is cut into bursts, so a
-        // completed request never waits for the socket.
-        let burst = crate::batch::run(|| {
-            for _ in 0..MAX_BURST {
-                one_reply(&shared, &mut replies, &mut scratch)?;
-                if !replies.has_header() {
-                    break;
+        if shared.adopted.load(Ordering::Acquire) {
+            if shared.alive.load(Ordering::Acquire) {
+                // A reaper reads the replies; sleep until it gives them back or the leg dies.
+                if let Err(e) = poll_woken(-1, 0, &shared.wake, -1) {
+                    break (format!("poll failed: {e}"), End::Closed);
                 }
+                continue;
             }
-            Ok(())
-        });
-        if let Err(stop) = burst {
-            break stop;
+            // The leg died: failing what is outstanding and lingering are this thread's.
+            shared.release();
+        }
+        let mut rd = shared.reading();
+        if let Some(end) = rd.ended.take() {
+            break end;
+        }
+        if let Err(end) = pump(&shared, &mut rd) {
+            break end;
+        }
+        drop(rd);
+        if let Err(e) = shared.wait_readable(None) {
+            break (describe_recv_error(&e, ""), End::Closed);
         }
     };
-    shared.die(LegError::Lost(why));
+    let err = shared.die(LegError::Lost(why));
+    // A read whose payload was cut off by a failed wait is still owned here.
+    let partial = shared.reading().partial.take();
+    if let Some(p) = partial {
+        shared.finish(p.entry, Err(err));
+    }
     shared.drain();
     match end {
         End::Closed => {}
@@ -1485,14 +1589,49 @@ fn reader_main(shared: Arc<Shared>) {
     }
 }
 
-/// Receives and completes one reply. Err says why the connection is over.
-fn one_reply(
-    shared: &Shared,
-    replies: &mut ReplyBuffer,
-    scratch: &mut Vec<libc::iovec>,
-) -> Result<(), (String, End)> {
-    let hdr = match replies.header(shared) {
-        Ok(h) => h,
+/// Receives and completes replies until the socket has nothing more for now (`Ok`), or the
+/// connection is over (`Err`: why, and how). Never waits for the socket, so the reader thread
+/// and a reaper's worker share it: whoever holds [`Shared::reading`] calls it when the socket
+/// is readable.
+fn pump(shared: &Shared, rd: &mut Reading) -> Result<(), (String, End)> {
+    loop {
+        // The replies that arrived together are completed as one batch: their answers reach
+        // the guest under one lock of its queue and with one notification. A long stream of
+        // replies is cut into bursts, so a completed request never waits for the socket.
+        let more = crate::batch::run(|| {
+            for _ in 0..MAX_BURST {
+                if let Step::Empty = step(shared, rd)? {
+                    return Ok(false);
+                }
+                if !rd.replies.has_header() {
+                    break;
+                }
+            }
+            Ok(true)
+        })?;
+        if !more {
+            return Ok(());
+        }
+    }
+}
+
+/// What one [`step`] did.
+enum Step {
+    /// Completed a reply.
+    Reply,
+    /// The socket has nothing more for now (what a partial payload needs is kept for later).
+    Empty,
+}
+
+/// Receives and completes one reply, or goes on with a payload that was cut off. Err says why
+/// the connection is over; every entry this step owned is completed then.
+fn step(shared: &Shared, rd: &mut Reading) -> Result<Step, (String, End)> {
+    if let Some(p) = rd.partial.take() {
+        return go_on_with_payload(shared, rd, p);
+    }
+    let hdr = match rd.replies.header(shared) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(Step::Empty),
         Err(Recv::Dead) => return Err((String::new(), End::GaveUp)),
         Err(Recv::Io(e)) => return Err((describe_recv_error(&e, ""), End::Closed)),
     };
@@ -1522,21 +1661,18 @@ fn one_reply(
         return Err((String::new(), End::GaveUp));
     }
     if error == 0 && entry.cmd == proto::CMD_READ {
-        match replies.payload(shared, scratch, &entry.bufs) {
-            Ok(()) => {}
-            Err(Recv::Dead) => {
-                // Given up on in the middle of the payload: the rest of it is discarded
-                // while lingering, never written to the buffers of a failed request.
-                let err = shared.die(LegError::Lost("connection closed".into()));
-                shared.finish(entry, Err(err));
-                return Err((String::new(), End::GaveUp));
-            }
-            Err(Recv::Io(e)) => {
-                let why = describe_recv_error(&e, " in the middle of a read payload");
-                let err = shared.die(LegError::Lost(why));
-                shared.finish(entry, Err(err));
-                return Err((String::new(), End::Closed));
-            }
+        let Reading {
+            replies, scratch, ..
+        } = rd;
+        let (start, payload_iovs, left) = replies.start_payload(scratch, &entry.bufs);
+        if left > 0 {
+            let p = PartialRead {
+                entry,
+                start,
+                payload_iovs,
+                left,
+            };
+            return go_on_with_payload(shared, rd, p);
         }
     }
     let result = if error == 0 {
@@ -1545,7 +1681,38 @@ fn one_reply(
         Err(LegError::Io(nbd_errno(error)))
     };
     shared.finish(entry, result);
-    Ok(())
+    Ok(Step::Reply)
+}
+
+/// Receives what the socket has of a read's payload; completes the read once all is there.
+fn go_on_with_payload(
+    shared: &Shared,
+    rd: &mut Reading,
+    mut p: PartialRead,
+) -> Result<Step, (String, End)> {
+    match rd.replies.payload(shared, &mut rd.scratch, &mut p) {
+        Ok(true) => {
+            shared.finish(p.entry, Ok(()));
+            Ok(Step::Reply)
+        }
+        Ok(false) => {
+            rd.partial = Some(p);
+            Ok(Step::Empty)
+        }
+        Err(Recv::Dead) => {
+            // Given up on in the middle of the payload: the rest of it is discarded while
+            // lingering, never written to the buffers of a failed request.
+            let err = shared.die(LegError::Lost("connection closed".into()));
+            shared.finish(p.entry, Err(err));
+            Err((String::new(), End::GaveUp))
+        }
+        Err(Recv::Io(e)) => {
+            let why = describe_recv_error(&e, " in the middle of a read payload");
+            let err = shared.die(LegError::Lost(why));
+            shared.finish(p.entry, Err(err));
+            Err((String::new(), End::Closed))
+        }
+    }
 }
 
 /// Why the reader's loop ended.
@@ -1662,9 +1829,10 @@ impl ReplyBuffer {
         self.end - self.start >= proto::REPLY_LEN
     }
 
-    /// The next reply header, unless the leg dies first. Replies already received but not yet
-    /// consumed are not handed out once the leg is dead: the reader's drain fails them.
-    fn header(&mut self, shared: &Shared) -> Result<[u8; proto::REPLY_LEN], Recv> {
+    /// The next reply header, `None` if it has not arrived yet, unless the leg died. Replies
+    /// already received but not yet consumed are not handed out once the leg is dead: the
+    /// reader's drain fails them.
+    fn header(&mut self, shared: &Shared) -> Result<Option<[u8; proto::REPLY_LEN]>, Recv> {
         let fd = shared.fd.as_raw_fd();
         loop {
             if !shared.alive.load(Ordering::Acquire) {
@@ -1682,25 +1850,25 @@ impl ReplyBuffer {
             // SAFETY: `rest` is a live, exclusively borrowed buffer of `rest.len()` bytes.
             let n =
                 unsafe { libc::recv(fd, rest.as_mut_ptr().cast(), rest.len(), libc::MSG_DONTWAIT) };
-            if let Some(n) = received(shared, n)? {
-                self.end += n;
+            match received(n)? {
+                Some(n) => self.end += n,
+                None => return Ok(None),
             }
         }
         let mut hdr = [0u8; proto::REPLY_LEN];
         hdr.copy_from_slice(&self.buf[self.start..self.start + proto::REPLY_LEN]);
         self.start += proto::REPLY_LEN;
-        Ok(hdr)
+        Ok(Some(hdr))
     }
 
-    /// Fills `bufs` with the next `bufs.total_len()` bytes of the stream, unless the leg dies
-    /// first.
-    fn payload(
+    /// Starts a read's payload of `bufs.total_len()` bytes: copies what the buffer already
+    /// holds into `bufs` and sets `scratch` up for the rest. Returns where the rest starts, the
+    /// number of payload iovecs and how many bytes are left.
+    fn start_payload(
         &mut self,
-        shared: &Shared,
         scratch: &mut Vec<libc::iovec>,
         bufs: &Buffers,
-    ) -> Result<(), Recv> {
-        let fd = shared.fd.as_raw_fd();
+    ) -> (usize, usize, usize) {
         scratch.clear();
         scratch.extend(bufs.as_raw().iter().filter(|s| s.iov_len > 0));
         let mut start = 0;
@@ -1723,65 +1891,73 @@ impl ReplyBuffer {
             self.start += n;
             advance(scratch, &mut start, n);
         }
-        let mut left: usize = scratch[start..].iter().map(|v| v.iov_len).sum();
-        if left == 0 {
-            return Ok(());
-        }
-        // The buffer is empty: the payload took all of it.
-        self.start = 0;
-        self.end = 0;
+        let left: usize = scratch[start..].iter().map(|v| v.iov_len).sum();
         let payload_iovs = scratch.len();
-        scratch.push(libc::iovec {
-            iov_base: self.buf.as_mut_ptr().cast(),
-            iov_len: self.buf.len(),
-        });
-        while left > 0 {
+        if left > 0 {
+            // The buffer is empty: the payload took all of it.
+            self.start = 0;
+            self.end = 0;
+            scratch.push(libc::iovec {
+                iov_base: self.buf.as_mut_ptr().cast(),
+                iov_len: self.buf.len(),
+            });
+        }
+        (start, payload_iovs, left)
+    }
+
+    /// Receives what the socket has of the rest of `p`'s payload into its buffers (and what
+    /// follows it into this buffer). True once the payload is complete, false if the socket
+    /// has nothing more for now; `Err` if the leg died or the connection failed.
+    fn payload(
+        &mut self,
+        shared: &Shared,
+        scratch: &mut [libc::iovec],
+        p: &mut PartialRead,
+    ) -> Result<bool, Recv> {
+        let fd = shared.fd.as_raw_fd();
+        while p.left > 0 {
             if !shared.alive.load(Ordering::Acquire) {
                 return Err(Recv::Dead);
             }
             // With more payload iovecs than IOV_MAX the buffer joins only the last call, so a
             // call never receives more than the payload's rest before it.
-            let cnt = (scratch.len() - start).min(IOV_MAX);
+            let cnt = (scratch.len() - p.start).min(IOV_MAX);
             // SAFETY: all-zero is a valid msghdr (null name and control, no flags).
             let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
-            mh.msg_iov = scratch[start..].as_mut_ptr();
+            mh.msg_iov = scratch[p.start..].as_mut_ptr();
             mh.msg_iovlen = cnt as _;
             // SAFETY: the iovecs before `payload_iovs` are the read buffers of a request whose
-            // entry the reader removed from the map and has not completed yet (see the copy
-            // above); the last one is our own buffer, exclusively borrowed here.
+            // entry was removed from the map and is not completed yet (see `start_payload`),
+            // held by `p`; the last one is our own buffer, exclusively borrowed here.
             let n = unsafe { libc::recvmsg(fd, &mut mh, libc::MSG_DONTWAIT) };
-            match received(shared, n)? {
-                None => {}
-                Some(n) if n >= left => {
-                    self.end = n - left;
-                    left = 0;
+            match received(n)? {
+                None => return Ok(false),
+                Some(n) if n >= p.left => {
+                    self.end = n - p.left;
+                    p.left = 0;
                 }
                 Some(n) => {
-                    advance(&mut scratch[..payload_iovs], &mut start, n);
-                    left -= n;
+                    advance(&mut scratch[..p.payload_iovs], &mut p.start, n);
+                    p.left -= n;
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 }
 
-/// What a non-blocking receive that returned `n` means for the reader: bytes received, or
-/// `None` to try again (interrupted, or nothing there: then it has waited for the socket,
-/// after running what its batch holds). End of stream and errors are `Err`.
-fn received(shared: &Shared, n: isize) -> Result<Option<usize>, Recv> {
+/// What a non-blocking receive that returned `n` means: bytes received (0 after an
+/// interruption: try again), or `None` when the socket has nothing for now. End of stream and
+/// errors are `Err`.
+fn received(n: isize) -> Result<Option<usize>, Recv> {
     match n {
         0 => Err(Recv::Io(io::ErrorKind::UnexpectedEof.into())),
         n if n > 0 => Ok(Some(n as usize)),
         _ => {
             let e = io::Error::last_os_error();
             match e.kind() {
-                io::ErrorKind::Interrupted => Ok(None),
-                io::ErrorKind::WouldBlock => {
-                    crate::batch::run_pending();
-                    shared.wait_readable(None).map_err(Recv::Io)?;
-                    Ok(None)
-                }
+                io::ErrorKind::Interrupted => Ok(Some(0)),
+                io::ErrorKind::WouldBlock => Ok(None),
                 _ => Err(Recv::Io(e)),
             }
         }
@@ -3891,5 +4067,228 @@ mod tests {
         assert_eq!((start, iov[1].iov_len), (1, 3));
         advance(&mut iov, &mut start, 3);
         assert_eq!(start, 2);
+    }
+
+    // ---- reaper ---------------------------------------------------------------------------
+
+    type Reaped = (Tag, Result<(), LegError>, thread::ThreadId);
+
+    /// Records the thread every completion runs on.
+    struct ThreadSink(Sender<Reaped>);
+
+    impl CompletionSink for ThreadSink {
+        fn complete(&self, tag: Tag, result: Result<(), LegError>) {
+            let _ = self.0.send((tag, result, thread::current().id()));
+        }
+    }
+
+    fn open_reaped(address: &NbdAddress) -> (NbdLeg, Receiver<Reaped>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let NbdAddress::Unix(p) = address else {
+            panic!("unix sockets only")
+        };
+        let uri = format!("nbd+unix:///?socket={}", p.display());
+        let leg = NbdLeg::connect(
+            uri,
+            address,
+            "",
+            &OpenOptions::default(),
+            Arc::new(ThreadSink(tx)),
+        )
+        .expect("connect");
+        (leg, rx)
+    }
+
+    /// Drives `reaper` as a worker's event loop would (poll when its fd is readable) until `n`
+    /// completions have arrived; fails on a duplicate tag or after 10 s.
+    fn reap(reaper: &Reaper, rx: &Receiver<Reaped>, n: usize) -> HashMap<Tag, Reaped> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut out = HashMap::new();
+        while out.len() < n {
+            reaper.poll();
+            while let Ok(c) = rx.try_recv() {
+                assert!(out.insert(c.0, c.clone()).is_none(), "tag {} twice", c.0);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} completions arrived",
+                out.len()
+            );
+            let mut pfd = libc::pollfd {
+                fd: reaper.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd, as the count says.
+            unsafe { libc::poll(&mut pfd, 1, 20) };
+        }
+        out
+    }
+
+    /// A thread that submits inside its reaper reads the leg's replies itself: every
+    /// completion runs on it, including a payload far larger than the socket's buffer, which
+    /// arrives over many polls.
+    #[test]
+    fn a_reaper_reads_the_replies_on_its_own_thread() {
+        let k = Nbdkit::unix(&["memory", "size=64M"]);
+        let (leg, rx) = open_reaped(&k.address);
+        let reaper = Reaper::new().expect("reaper");
+        let me = thread::current().id();
+        let mut small: Vec<Vec<u8>> = (0..64).map(|i| pattern(i, i * 4096, 4096)).collect();
+        let mut big = pattern(99, 1 << 20, 8 * MIB);
+        reaper.enter(|| {
+            crate::batch::run(|| {
+                for (i, b) in small.iter_mut().enumerate() {
+                    submit(
+                        &leg,
+                        i as Tag,
+                        write(i as u64 * 4096, bufs(b, &[4096]), false),
+                    );
+                }
+                submit(&leg, 64, write(1 << 20, bufs(&mut big, &[MIB; 8]), false));
+            })
+        });
+        assert_eq!(reaper.adopted(), 1, "the reaper did not adopt the leg");
+        for (tag, (_, res, on)) in reap(&reaper, &rx, 65) {
+            assert!(res.is_ok(), "write {tag}: {res:?}");
+            assert_eq!(on, me, "write {tag} completed on another thread");
+        }
+        let mut back: Vec<Vec<u8>> = (0..64).map(|_| vec![0u8; 4096]).collect();
+        let mut big_back = vec![0u8; 8 * MIB];
+        reaper.enter(|| {
+            crate::batch::run(|| {
+                for (i, b) in back.iter_mut().enumerate() {
+                    submit(&leg, i as Tag, read(i as u64 * 4096, bufs(b, &[4096])));
+                }
+                submit(
+                    &leg,
+                    64,
+                    read(1 << 20, bufs(&mut big_back, &[3 * MIB, 5 * MIB])),
+                );
+            })
+        });
+        for (tag, (_, res, on)) in reap(&reaper, &rx, 65) {
+            assert!(res.is_ok(), "read {tag}: {res:?}");
+            assert_eq!(on, me, "read {tag} completed on another thread");
+        }
+        assert!(back == small, "small reads differ from what was written");
+        assert!(
+            big_back == big,
+            "the 8 MiB read differs from what was written"
+        );
+    }
+
+    /// A server that dies while a reaper reads its leg: the reaper finds the end of the
+    /// connection and gives the leg back; the reader thread fails every request exactly once,
+    /// and the reaper forgets the leg.
+    #[test]
+    fn a_server_that_dies_under_a_reaper_fails_everything_once() {
+        let mut k = Nbdkit::unix(&["memory", "size=64M"]);
+        let (leg, rx) = open_reaped(&k.address);
+        let reaper = Reaper::new().expect("reaper");
+        let mut data: Vec<Vec<u8>> = (0..32).map(|i| pattern(i, 0, 4096)).collect();
+        k.signal(libc::SIGSTOP);
+        reaper.enter(|| {
+            crate::batch::run(|| {
+                for (i, b) in data.iter_mut().enumerate() {
+                    submit(
+                        &leg,
+                        i as Tag,
+                        write(i as u64 * 4096, bufs(b, &[4096]), false),
+                    );
+                }
+            })
+        });
+        assert_eq!(reaper.adopted(), 1);
+        k.kill9();
+        for (tag, (_, res, _)) in reap(&reaper, &rx, 32) {
+            let why = lost_reason(&res);
+            assert!(why.contains("by server"), "write {tag}: {why}");
+        }
+        assert_quiet_reaped(&reaper, &rx);
+        assert_eq!(reaper.adopted(), 0, "the reaper still holds a dead leg");
+        assert!(!leg.is_alive());
+    }
+
+    fn assert_quiet_reaped(reaper: &Reaper, rx: &Receiver<Reaped>) {
+        for _ in 0..10 {
+            reaper.poll();
+            thread::sleep(Duration::from_millis(10));
+        }
+        if let Ok(c) = rx.try_recv() {
+            panic!("unexpected extra completion {c:?}");
+        }
+    }
+
+    /// An abort while a reaper reads the leg and its server is paused: the reader thread takes
+    /// the leg back by itself (the reaper's thread need not do anything) and fails each
+    /// request once.
+    #[test]
+    fn an_abort_takes_the_leg_back_from_its_reaper() {
+        let k = Nbdkit::unix(&["memory", "size=64M"]);
+        let (leg, rx) = open_reaped(&k.address);
+        let reaper = Reaper::new().expect("reaper");
+        let mut data: Vec<Vec<u8>> = (0..8).map(|i| pattern(i, 0, 4096)).collect();
+        k.signal(libc::SIGSTOP);
+        reaper.enter(|| {
+            crate::batch::run(|| {
+                for (i, b) in data.iter_mut().enumerate() {
+                    submit(
+                        &leg,
+                        i as Tag,
+                        write(i as u64 * 4096, bufs(b, &[4096]), false),
+                    );
+                }
+            })
+        });
+        assert_eq!(reaper.adopted(), 1);
+        leg.abort("test abort");
+        let me = thread::current().id();
+        let mut seen = HashMap::new();
+        while seen.len() < 8 {
+            let (tag, res, on) = rx
+                .recv_timeout(Duration::from_secs(5))
+                .unwrap_or_else(|_| panic!("only {} of 8 requests failed", seen.len()));
+            assert!(matches!(res, Err(LegError::Aborted(_))), "{tag}: {res:?}");
+            assert_ne!(on, me, "the abort needed the reaper's thread");
+            assert!(seen.insert(tag, ()).is_none(), "tag {tag} twice");
+        }
+        reaper.poll();
+        assert_eq!(reaper.adopted(), 0, "the reaper still holds an aborted leg");
+        k.signal(libc::SIGCONT);
+        assert!(
+            leg.wait_quiet(Duration::from_secs(5)),
+            "the old connection never closed"
+        );
+    }
+
+    /// Closing a reaper gives its legs back: their replies are read by the reader thread
+    /// again, and a closed reaper adopts nothing. A leg has one reaper at most.
+    #[test]
+    fn closing_a_reaper_gives_its_legs_back() {
+        let k = Nbdkit::unix(&["memory", "size=64M"]);
+        let (leg, rx) = open_reaped(&k.address);
+        let first = Reaper::new().expect("reaper");
+        let second = Reaper::new().expect("reaper");
+        let me = thread::current().id();
+        let mut b = pattern(1, 0, 4096);
+        first.enter(|| submit(&leg, 1, write(0, bufs(&mut b, &[4096]), false)));
+        second.enter(|| submit(&leg, 2, write(0, bufs(&mut b, &[4096]), false)));
+        assert_eq!((first.adopted(), second.adopted()), (1, 0));
+        let done = reap(&first, &rx, 2);
+        assert!(done.values().all(|(_, r, on)| r.is_ok() && *on == me));
+        first.close();
+        assert_eq!(first.adopted(), 0);
+        first.enter(|| submit(&leg, 3, write(0, bufs(&mut b, &[4096]), false)));
+        assert_eq!(first.adopted(), 0, "a closed reaper adopted a leg");
+        let (tag, res, on) = rx.recv_timeout(Duration::from_secs(5)).expect("completion");
+        assert_eq!(tag, 3);
+        assert!(res.is_ok(), "{res:?}");
+        assert_ne!(on, me, "the reader thread did not take the replies back");
+        // Given back, the leg can be adopted again by another reaper.
+        second.enter(|| submit(&leg, 4, write(0, bufs(&mut b, &[4096]), false)));
+        assert_eq!(second.adopted(), 1);
+        let done = reap(&second, &rx, 1);
+        assert!(done.values().all(|(_, r, on)| r.is_ok() && *on == me));
     }
 }
