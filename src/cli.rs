@@ -194,8 +194,9 @@ pub struct BlkArgs {
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub poll_us: u64,
 
-    /// Hand file-leg I/O to each leg's own thread instead of submitting and reaping it in the
-    /// queue worker's own io_uring (the default, which saves a thread hand-off per request).
+    /// Leave legs' I/O to each leg's own threads: file-leg requests are not submitted and reaped
+    /// in the queue worker's own io_uring, and NBD replies are not read by the queue worker
+    /// (both the default, which saves thread hand-offs and wake-ups per request).
     #[arg(long)]
     pub leg_threads: bool,
 

@@ -303,6 +303,83 @@ fn frontend_reconnects() {
     assert_eq!(c.read(0, 8192).unwrap()[4096..], pattern(2, 4096)[..]);
 }
 
+/// By default the legs' reader threads sleep through a mirrored workload: the queue's worker
+/// reads the NBD replies itself. With `--leg-threads` they wake for them, which shows the count
+/// below can tell the two apart.
+#[test]
+fn nbd_replies_are_read_by_the_queue_worker() {
+    for leg_threads in [false, true] {
+        let extra: &[&str] = if leg_threads { &["--leg-threads"] } else { &[] };
+        let name = if leg_threads {
+            "nbdthreads"
+        } else {
+            "nbdreaper"
+        };
+        let mut r = Rig::plain(name, extra);
+        let mut c = Client::connect(&r.daemon.socket, 16);
+        let pid = r.daemon.child.id();
+        let before = sleeps_of(pid, "nbd-recv");
+        let rep = stamped_workload(&mut c, 4096, 16, Duration::from_secs(1), |_| {});
+        let sleeps = sleeps_of(pid, "nbd-recv") - before;
+        assert_eq!(rep.errors, 0, "{}", r.daemon.log_text());
+        assert!(rep.writes_ok > 1000, "only {} writes", rep.writes_ok);
+        if leg_threads {
+            assert!(
+                sleeps > rep.writes_ok / 20,
+                "reader threads slept {sleeps} times over {} writes",
+                rep.writes_ok
+            );
+        } else {
+            assert!(
+                sleeps < rep.writes_ok / 100,
+                "reader threads slept {sleeps} times over {} writes: the queue's worker is not \
+                 reading the replies",
+                rep.writes_ok
+            );
+        }
+        assert_eq!(verify_acked(&mut c, &rep.acked), 0);
+        let end = c.capacity as usize;
+        drop(c);
+        r.daemon.terminate();
+        assert!(r.image(0)[..end] == r.image(1)[..end], "legs differ");
+    }
+}
+
+/// The worker that read a leg's replies stops when its frontend leaves; the leg's reader thread
+/// takes over, so a resync started afterwards (which reads that leg) still completes.
+#[test]
+fn a_resync_after_the_frontend_left_reads_the_legs() {
+    let mut r = Rig::plain("reaperleft", &[]);
+    let mut c = Client::connect(&r.daemon.socket, 8);
+    assert_eq!(c.write(0, &pattern(1, 4096)), 0);
+    assert_eq!(
+        ctl(&r.daemon.control, r#"{"cmd":"fail-leg","leg":1}"#)["ok"],
+        true
+    );
+    for i in 0..64u64 {
+        assert_eq!(c.write(i << 20, &pattern(i, 4096)), 0);
+    }
+    drop(c);
+    wait_for("the frontend's departure", Duration::from_secs(10), || {
+        let log = r.daemon.log_text();
+        log.contains("frontend disconnected") || log.contains("frontend connection ended")
+    });
+    // Past the drain and the workers' exit.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ctl(&r.daemon.control, r#"{"cmd":"re-add","leg":1}"#)["ok"],
+        true,
+        "{}",
+        r.daemon.log_text()
+    );
+    r.wait_leg(1, "uptodate", Duration::from_secs(20));
+    r.daemon.terminate();
+    for i in 0..64usize {
+        let at = i << 20;
+        assert_eq!(&r.image(1)[at..at + 4096], &pattern(i as u64, 4096)[..]);
+    }
+}
+
 /// Operator drill over the control socket: fail-leg ejects, I/O goes on.
 #[test]
 fn fail_leg_from_the_control_socket() {

@@ -655,3 +655,28 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .map(|i| (seed.wrapping_mul(31).wrapping_add(i as u64 * 7) % 251) as u8)
         .collect()
 }
+
+/// Voluntary context switches (sleeps) of the daemon's threads called `name`, so far.
+pub fn sleeps_of(pid: u32, name: &str) -> u64 {
+    sleeps_per_thread(pid, name).values().sum()
+}
+
+/// Voluntary context switches so far of each of the daemon's threads called `name`, by id.
+pub fn sleeps_per_thread(pid: u32, name: &str) -> std::collections::HashMap<String, u64> {
+    let mut per = std::collections::HashMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let n = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        per.insert(task.file_name().unwrap().to_string_lossy().into_owned(), n);
+    }
+    per
+}

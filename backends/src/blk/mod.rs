@@ -31,6 +31,7 @@ pub use queue::Completion;
 use queue::QueueState;
 use request::{Limits, MAX_DATA_SEGMENTS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use transport::file::Reactor;
+use transport::nbd::Reaper;
 
 /// The mirror type the block device drives.
 pub type BlkMirror = BlockMirror<Completion>;
@@ -60,7 +61,7 @@ pub enum BlkError {
     Daemon(String),
     #[error("unsupported queue event {0}")]
     UnknownEvent(u16),
-    #[error("cannot add queue {queue}'s io_uring to its worker's epoll: {source}")]
+    #[error("cannot add queue {queue}'s io_uring or NBD reaper to its worker's epoll: {source}")]
     WatchRing { queue: usize, source: io::Error },
     #[error("queue {0}: guest memory not set up yet")]
     NoMemory(usize),
@@ -83,7 +84,8 @@ pub struct BlkConfig {
     /// it goes back to sleep; zero never polls. See [`queue::Poller`].
     pub poll_max: Duration,
     /// Each queue's worker submits and reaps its file-leg I/O in an io_uring of its own
-    /// ([`transport::file::Reactor`]) instead of handing it to the legs' threads.
+    /// ([`transport::file::Reactor`]) and reads its NBD legs' replies itself
+    /// ([`transport::nbd::Reaper`]) instead of leaving both to the legs' threads.
     pub queue_rings: bool,
 }
 
@@ -209,10 +211,20 @@ impl VhostUserBlk {
                 })
                 .ok()
         };
+        let reaper = || {
+            if !cfg.queue_rings {
+                return None;
+            }
+            Reaper::new()
+                .inspect_err(|e| {
+                    warn!("no epoll for a queue ({e}); NBD replies are read by the legs' threads")
+                })
+                .ok()
+        };
         Ok(VhostUserBlk {
             config: config_space(&info, &cfg),
             queues: (0..cfg.num_queues)
-                .map(|_| Arc::new(QueueState::new(cfg.poll_max, reactor())))
+                .map(|_| Arc::new(QueueState::new(cfg.poll_max, reactor(), reaper())))
                 .collect(),
             mirror,
             limits,
@@ -294,21 +306,46 @@ impl VhostUserBlk {
         (self.cfg.num_queues + 1 + q) as u16
     }
 
-    /// Adds each queue's reactor to the epoll of the worker that serves the queue (worker `q`
-    /// serves queue `q`, see `queues_per_thread`).
+    /// The event id of queue `q`'s reaper, after the reactors'.
+    fn reaper_event(&self, q: usize) -> u16 {
+        (2 * self.cfg.num_queues + 1 + q) as u16
+    }
+
+    /// Adds each queue's reactor and reaper to the epoll of the worker that serves the queue
+    /// (worker `q` serves queue `q`, see `queues_per_thread`).
     fn register_reactors(
         &self,
         daemon: &VhostUserDaemon<Arc<VhostUserBlk>>,
     ) -> Result<(), BlkError> {
         for (q, handler) in daemon.get_epoll_handlers().iter().enumerate() {
-            let Some(reactor) = self.queues.get(q).and_then(|s| s.reactor.as_ref()) else {
+            let Some(state) = self.queues.get(q) else {
                 continue;
             };
-            handler
-                .register_listener(reactor.fd(), EventSet::IN, u64::from(self.reactor_event(q)))
-                .map_err(|source| BlkError::WatchRing { queue: q, source })?;
+            let fds = [
+                (
+                    state.reactor.as_ref().map(Reactor::fd),
+                    self.reactor_event(q),
+                ),
+                (state.reaper.as_ref().map(Reaper::fd), self.reaper_event(q)),
+            ];
+            for (fd, event) in fds {
+                let Some(fd) = fd else { continue };
+                handler
+                    .register_listener(fd, EventSet::IN, u64::from(event))
+                    .map_err(|source| BlkError::WatchRing { queue: q, source })?;
+            }
         }
         Ok(())
+    }
+
+    /// Gives the NBD legs the queues' reapers read back to the legs' reader threads: for when
+    /// the workers stop polling.
+    fn close_reapers(&self) {
+        for state in &self.queues {
+            if let Some(reaper) = &state.reaper {
+                reaper.close();
+            }
+        }
     }
 }
 
@@ -394,6 +431,17 @@ impl VhostUserBackend for VhostUserBlk {
         if usize::from(device_event) == usize::from(self.reactor_event(q)) {
             if let Some(reactor) = &state.reactor {
                 reactor.poll();
+                return Ok(());
+            }
+        }
+        if usize::from(device_event) == usize::from(self.reaper_event(q)) {
+            if let Some(reaper) = &state.reaper {
+                // A reply's completion may resend a failed read to a file leg: that goes into
+                // the reactor.
+                match &state.reactor {
+                    Some(reactor) => reactor.enter(|| reaper.poll()),
+                    None => reaper.poll(),
+                }
                 return Ok(());
             }
         }
@@ -486,6 +534,7 @@ pub fn serve(
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
+        backend.close_reapers();
         backend.hand_over_rings();
     }
     Ok(())
