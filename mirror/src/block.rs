@@ -594,6 +594,12 @@ impl<C: Send + 'static> BlockMirror<C> {
         self.inner.info()
     }
 
+    /// Each leg's URI as parsed when it was opened; `None` for a leg handed in as an object
+    /// ([`BlockMirror::with_legs`]), whose kind the mirror does not know.
+    pub fn leg_specs(&self) -> Vec<Option<LegSpec>> {
+        self.inner.legs.iter().map(|l| l.spec.clone()).collect()
+    }
+
     /// Starts a request. `keep` must keep the buffers in `op` valid (see [`transport::Buffers::push`])
     /// for as long as it lives; the mirror holds it until no leg can touch them any more. The
     /// outcome reaches the handler with `ctx`, possibly before `submit` returns.

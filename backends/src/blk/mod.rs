@@ -32,6 +32,7 @@ use queue::QueueState;
 use request::{Limits, MAX_DATA_SEGMENTS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE};
 use transport::file::Reactor;
 use transport::nbd::Reaper;
+use transport::LegSpec;
 
 /// The mirror type the block device drives.
 pub type BlkMirror = BlockMirror<Completion>;
@@ -201,8 +202,14 @@ impl VhostUserBlk {
             discard: info.discard && !read_only,
             write_zeroes: info.write_zeroes && !read_only,
         };
+        // A worker only pays for what its legs use (each is entered on every pass); a leg of
+        // unknown kind (an embedder's own) gets both.
+        let specs = mirror.leg_specs();
+        let has = |kind: fn(&LegSpec) -> bool| specs.iter().any(|s| s.as_ref().is_none_or(kind));
+        let file_legs = has(|s| matches!(s, LegSpec::File { .. }));
+        let nbd_legs = has(|s| matches!(s, LegSpec::Nbd { .. }));
         let reactor = || {
-            if !cfg.queue_rings {
+            if !cfg.queue_rings || !file_legs {
                 return None;
             }
             Reactor::new()
@@ -212,7 +219,7 @@ impl VhostUserBlk {
                 .ok()
         };
         let reaper = || {
-            if !cfg.queue_rings {
+            if !cfg.queue_rings || !nbd_legs {
                 return None;
             }
             Reaper::new()

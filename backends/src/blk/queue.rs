@@ -63,13 +63,11 @@ impl QueueState {
     /// reactor and are handed to the kernel when the pass ends; the NBD legs it submits to
     /// are read by its reaper, which takes what replies have come in by then.
     pub fn run_pass<R>(&self, pass: impl FnOnce() -> R) -> R {
-        let pass = || match &self.reaper {
-            Some(reaper) => reaper.enter(pass),
-            None => pass(),
-        };
-        match &self.reactor {
-            Some(reactor) => reactor.enter(pass),
-            None => pass(),
+        match (&self.reactor, &self.reaper) {
+            (None, None) => pass(),
+            (Some(reactor), None) => reactor.enter(pass),
+            (None, Some(reaper)) => reaper.enter(pass),
+            (Some(reactor), Some(reaper)) => reactor.enter(|| reaper.enter(pass)),
         }
     }
 
