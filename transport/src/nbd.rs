@@ -241,8 +241,10 @@ struct Reading {
 // SAFETY: the raw pointers in `scratch` point into the reply buffer (owned by `replies`, a
 // heap allocation that does not move with `Reading`) and into the read buffers of the request
 // `partial` holds, whose submitter keeps them valid until that request completes, whichever
-// thread completes it (`Buffers` is `Send` for the same reason). `Reading` is only used under
-// its mutex, by one thread at a time.
+// thread completes it (`Buffers` is `Send` for the same reason). While `partial` is `None`,
+// `scratch` may still hold pointers of a finished request: they are never dereferenced, since
+// `start_payload` rebuilds `scratch` before anything is received into it. `Reading` is only
+// used under its mutex, by one thread at a time.
 unsafe impl Send for Reading {}
 
 /// A read whose payload is partly received. Its entry is out of the map (module invariant 3):
@@ -819,7 +821,12 @@ impl Shared {
     /// Whoever holds [`Shared::reading`] meanwhile finishes what it is doing first.
     fn release(&self) {
         let core = self.lock().reaper.take();
-        if let Some(core) = core.and_then(|w| w.upgrade()) {
+        self.let_go(core.and_then(|w| w.upgrade()));
+    }
+
+    /// The rest of giving the leg back, once `State::reaper` no longer names `core`.
+    fn let_go(&self, core: Option<Arc<reaper::Core>>) {
+        if let Some(core) = core {
             core.forget(self.fd.as_raw_fd());
         }
         self.adopted.store(false, Ordering::Release);
@@ -973,8 +980,10 @@ impl Shared {
         }
         let mut st = self.lock();
         let Some(g) = st.groups.get_mut(&entry.group) else {
-            // Unreachable: a group leaves the map only with its last piece or in the final drain,
-            // which runs on this same thread after every owned entry was finished.
+            // Unreachable: a group leaves the map only with its last piece or in the final drain.
+            // The drain runs on the reader thread after the leg died and that thread took the
+            // reading side (from any reaper, which cannot adopt a dead leg again), so after
+            // every entry a reader owned was finished.
             return;
         };
         g.remaining = g.remaining.saturating_sub(1);
@@ -1550,7 +1559,8 @@ fn reader_main(shared: Arc<Shared>) {
         if let Some(end) = rd.ended.take() {
             break end;
         }
-        if let Err(end) = pump(&shared, &mut rd) {
+        // A reaper that adopts the leg meanwhile waits for this lock; let it have the socket.
+        if let Err(end) = pump(&shared, &mut rd, || !shared.adopted.load(Ordering::Acquire)) {
             break end;
         }
         drop(rd);
@@ -1589,11 +1599,15 @@ fn reader_main(shared: Arc<Shared>) {
     }
 }
 
-/// Receives and completes replies until the socket has nothing more for now (`Ok`), or the
-/// connection is over (`Err`: why, and how). Never waits for the socket, so the reader thread
-/// and a reaper's worker share it: whoever holds [`Shared::reading`] calls it when the socket
-/// is readable.
-fn pump(shared: &Shared, rd: &mut Reading) -> Result<(), (String, End)> {
+/// Receives and completes replies until the socket has nothing more for now, or `go_on` says
+/// stop after a burst (`Ok`), or the connection is over (`Err`: why, and how). Never waits for
+/// the socket, so the reader thread and a reaper's worker share it: whoever holds
+/// [`Shared::reading`] calls it when the socket is readable.
+fn pump(
+    shared: &Shared,
+    rd: &mut Reading,
+    mut go_on: impl FnMut() -> bool,
+) -> Result<(), (String, End)> {
     loop {
         // The replies that arrived together are completed as one batch: their answers reach
         // the guest under one lock of its queue and with one notification. A long stream of
@@ -1609,7 +1623,7 @@ fn pump(shared: &Shared, rd: &mut Reading) -> Result<(), (String, End)> {
             }
             Ok(true)
         })?;
-        if !more {
+        if !more || !go_on() {
             return Ok(());
         }
     }
@@ -4260,6 +4274,43 @@ mod tests {
             leg.wait_quiet(Duration::from_secs(5)),
             "the old connection never closed"
         );
+    }
+
+    /// A server that breaks the protocol while a reaper reads its leg: the reaper kills the
+    /// leg itself before handing it back (nothing more is sent to it meanwhile), the request
+    /// fails with the reason, later ones fail at once, and the reaper forgets the leg.
+    #[test]
+    fn a_protocol_violation_under_a_reaper_kills_the_leg() {
+        let (addr, dir, server) = fake_server(|mut f| {
+            f.go(1 << 20, proto::FLAG_SEND_FLUSH, None);
+            let r = f.read_req();
+            assert_eq!(r.cmd, proto::CMD_READ);
+            f.reply(0, 0xdead_beef, &[]);
+            let mut sink = Vec::new();
+            let _ = f.0.read_to_end(&mut sink);
+        });
+        let (leg, rx) = open_reaped(&addr);
+        let reaper = Reaper::new().expect("reaper");
+        let mut b = vec![0x11u8; 4096];
+        reaper.enter(|| submit(&leg, 1, read(0, bufs(&mut b, &[]))));
+        assert_eq!(reaper.adopted(), 1);
+        let done = reap(&reaper, &rx, 1);
+        let why = lost_reason(&done[&1].1);
+        assert!(why.contains("unknown handle 0x00000000deadbeef"), "{why}");
+        assert!(!leg.is_alive());
+        submit(&leg, 2, LegOp::Flush);
+        let (tag, res, _) = rx.recv_timeout(Duration::from_secs(1)).expect("flush");
+        assert_eq!(tag, 2);
+        assert!(res.is_err(), "{res:?}");
+        reaper.poll();
+        assert_eq!(reaper.adopted(), 0, "the reaper still holds a broken leg");
+        drop(leg);
+        server.join().expect("server");
+        assert!(
+            b.iter().all(|&x| x == 0x11),
+            "a broken reply wrote the read buffer"
+        );
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Closing a reaper gives its legs back: their replies are read by the reader thread

@@ -435,6 +435,48 @@ impl VhostUserBackend for VhostUserBlk {
         let Some(state) = self.queues.get(q) else {
             return Err(BlkError::UnknownEvent(device_event).into());
         };
+        // vhost-user-backend ends a worker whose handler fails (and a panic ends it too): the NBD
+        // legs its reaper reads must go back to their reader threads then, or nobody would read
+        // their replies, other queues' and the resync's included.
+        let mut guard = CloseReaperUnlessOk {
+            reaper: state.reaper.as_ref(),
+            queue: q,
+            ok: false,
+        };
+        let result = self.handle_queue_event(state, device_event, vrings, q);
+        guard.ok = result.is_ok();
+        result
+    }
+}
+
+/// Closes a queue's reaper when its worker's handler did not return `Ok` (see `handle_event`).
+struct CloseReaperUnlessOk<'a> {
+    reaper: Option<&'a Reaper>,
+    queue: usize,
+    ok: bool,
+}
+
+impl Drop for CloseReaperUnlessOk<'_> {
+    fn drop(&mut self) {
+        if let (false, Some(reaper)) = (self.ok, self.reaper) {
+            warn!(
+                "queue {}: its worker is ending; its NBD legs' replies go back to their threads",
+                self.queue
+            );
+            reaper.close();
+        }
+    }
+}
+
+impl VhostUserBlk {
+    /// One event of queue `q`'s worker: its ring, its reactor or its reaper.
+    fn handle_queue_event(
+        &self,
+        state: &Arc<QueueState>,
+        device_event: u16,
+        vrings: &[VringRwLock],
+        q: usize,
+    ) -> io::Result<()> {
         if usize::from(device_event) == usize::from(self.reactor_event(q)) {
             if let Some(reactor) = &state.reactor {
                 reactor.poll();

@@ -26,9 +26,10 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use super::{clear_eventfd, eventfd, pump, write_eventfd, Shared};
+use super::{clear_eventfd, eventfd, pump, write_eventfd, End, Shared};
+use crate::block::LegError;
 
 thread_local! {
     /// The reaper of the `enter` this thread is inside, if any.
@@ -39,6 +40,9 @@ thread_local! {
 const KICK: u64 = u64::MAX;
 /// Events taken per `epoll_wait`; more stay ready for the next one.
 const EVENTS: usize = 8;
+/// Bursts of replies (up to 64 each) one readiness of a socket takes before the worker goes
+/// back to its queue.
+const BURSTS_PER_READ: u32 = 4;
 
 /// One thread's reading of the NBD legs it submits to. See the module documentation.
 pub struct Reaper {
@@ -151,9 +155,7 @@ impl Reaper {
         };
         self.core.count.store(0, Ordering::Release);
         for sh in legs {
-            if sh.reaper_is(&self.core) {
-                sh.release();
-            }
+            sh.release_from(&self.core);
         }
     }
 }
@@ -181,19 +183,20 @@ impl Core {
             if st.dead.is_some() || st.reaper.is_some() {
                 return;
             }
+            // Into the epoll before the leg is ours, under its lock: whoever gives it back
+            // (under the same lock, e.g. on its death) finds the socket there to remove, and a
+            // failed add leaves nothing to undo. Level-triggered: what one poll leaves unread
+            // is reported again.
+            let fd = sh.fd.as_raw_fd();
+            if let Err(e) = epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, fd as u64) {
+                log::debug!(
+                    "NBD leg {}: its replies stay with its reader thread ({e})",
+                    sh.uri
+                );
+                return;
+            }
             st.reaper = Some(Arc::downgrade(self));
             sh.adopted.store(true, Ordering::Release);
-        }
-        let fd = sh.fd.as_raw_fd();
-        // Level-triggered: what one poll leaves unread (a long burst) is reported again.
-        if let Err(e) = epoll_ctl(&self.epoll, libc::EPOLL_CTL_ADD, fd, fd as u64) {
-            log::debug!(
-                "NBD leg {}: its replies stay with its reader thread ({e})",
-                sh.uri
-            );
-            sh.lock().reaper = None;
-            sh.adopted.store(false, Ordering::Release);
-            return;
         }
         legs.adopted.push(Arc::clone(sh));
         self.count.store(legs.adopted.len(), Ordering::Release);
@@ -202,9 +205,10 @@ impl Core {
         sh.wake_reader();
     }
 
-    /// Reads what the socket `fd` of an adopted leg has. A leg whose connection is over goes
-    /// back to its reader thread, which fails what is outstanding.
-    fn read(&self, fd: RawFd) {
+    /// Reads what the socket `fd` of an adopted leg has, a few bursts at most (level-triggered
+    /// epoll reports the rest, after the worker's queue had its turn). A leg whose connection
+    /// is over dies and goes back to its reader thread, which fails what is outstanding.
+    fn read(self: &Arc<Self>, fd: RawFd) {
         let Some(sh) = self
             .lock()
             .adopted
@@ -215,27 +219,36 @@ impl Core {
             return;
         };
         // A sink that panics must not leave the leg without a reader.
-        struct GiveBack<'a>(&'a Shared);
+        struct GiveBack<'a>(&'a Shared, &'a Arc<Core>);
         impl Drop for GiveBack<'_> {
             fn drop(&mut self) {
                 if std::thread::panicking() {
-                    self.0.release();
+                    self.0.release_from(self.1);
                 }
             }
         }
-        let _give_back = GiveBack(&sh);
+        let _give_back = GiveBack(&sh, self);
         // The reader thread has not let go yet (it is finishing a burst, or it took the leg back
         // for good); level-triggered epoll reports the socket again.
         let Some(mut rd) = sh.try_reading() else {
             return;
         };
-        if !sh.adopted.load(Ordering::Acquire) {
+        if !sh.reaper_is(self) {
             return;
         }
-        if let Err(end) = pump(&sh, &mut rd) {
-            rd.ended = Some(end);
+        let mut bursts = 0;
+        if let Err((why, end)) = pump(&sh, &mut rd, || {
+            bursts += 1;
+            bursts < BURSTS_PER_READ
+        }) {
+            // Dead at once, so that nothing is submitted to it (nor another reaper adopts it)
+            // before its reader thread takes over.
+            if !matches!(end, End::GaveUp) {
+                sh.die(LegError::Lost(why.clone()));
+            }
+            rd.ended = Some((why, end));
             drop(rd);
-            sh.release();
+            sh.release_from(self);
         }
     }
 
@@ -258,11 +271,24 @@ impl Core {
 impl Shared {
     /// Whether `core` reads this leg's replies.
     fn reaper_is(&self, core: &Arc<Core>) -> bool {
-        self.lock()
-            .reaper
-            .as_ref()
-            .is_some_and(|w| ptr::eq(w.as_ptr(), Arc::as_ptr(core)))
+        is(self.lock().reaper.as_ref(), core)
     }
+
+    /// Gives the leg back to its reader thread if `core` reads it (and not a reaper that has
+    /// adopted it since).
+    fn release_from(&self, core: &Arc<Core>) {
+        let mut st = self.lock();
+        if !is(st.reaper.as_ref(), core) {
+            return;
+        }
+        st.reaper = None;
+        drop(st);
+        self.let_go(Some(Arc::clone(core)));
+    }
+}
+
+fn is(reaper: Option<&Weak<Core>>, core: &Arc<Core>) -> bool {
+    reaper.is_some_and(|w| ptr::eq(w.as_ptr(), Arc::as_ptr(core)))
 }
 
 /// Has the reaper of this thread's `enter`, if any, adopt `sh`.
