@@ -23,7 +23,7 @@ use std::alloc::{self, Layout};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Seek, SeekFrom};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
@@ -34,6 +34,7 @@ use std::thread::{self, JoinHandle};
 
 use crossbeam_channel::{SendError, Sender};
 use io_uring::{opcode, IoUring, Probe};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::block::{BlockLeg, Buffers, CompletionSink, LegError, LegInfo, LegOp, LegRequest, Tag};
 use crate::{OpenError, OpenOptions};
@@ -197,16 +198,8 @@ impl FileLeg {
             None
         };
 
-        // SAFETY: eventfd has no memory arguments; the result is checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if efd < 0 {
-            return Err(io_err(context(
-                io::Error::last_os_error(),
-                "cannot create eventfd",
-            )));
-        }
-        // SAFETY: `efd` is a freshly created descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let eventfd = EventFd::new(libc::EFD_CLOEXEC)
+            .map_err(|e| io_err(context(e, "cannot create eventfd")))?;
 
         let ring: IoUring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
@@ -389,7 +382,7 @@ struct Shared {
     uri: String,
     sink: Arc<dyn CompletionSink>,
     /// Wakes the leg's own ring thread.
-    eventfd: OwnedFd,
+    eventfd: EventFd,
     /// Set by a submitter that has written (or is about to write) the eventfd; cleared by the
     /// ring thread when it reads the eventfd. Saves a system call per request under load.
     notified: AtomicBool,
@@ -475,23 +468,14 @@ impl Shared {
 
     /// Wakes the ring thread unconditionally.
     fn wake(&self) {
-        let one: u64 = 1;
         loop {
-            // SAFETY: writes 8 bytes from a live local to our own eventfd.
-            let r = unsafe {
-                libc::write(
-                    self.eventfd.as_raw_fd(),
-                    ptr::addr_of!(one).cast(),
-                    std::mem::size_of::<u64>(),
-                )
-            };
-            if r >= 0 {
-                return;
-            }
-            let err = io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINTR) {
-                log::error!("leg {}: cannot wake the I/O thread: {err}", self.uri);
-                return;
+            match self.eventfd.write(1) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!("leg {}: cannot wake the I/O thread: {e}", self.uri);
+                    return;
+                }
+                Ok(()) => return,
             }
         }
     }

@@ -67,7 +67,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -76,6 +76,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::block::{BlockLeg, Buffers, CompletionSink, LegError, LegInfo, LegOp, LegRequest, Tag};
 use crate::spec::NbdAddress;
@@ -173,9 +174,9 @@ struct Shared {
     uri: String,
     fd: OwnedFd,
     /// An eventfd that wakes the reader out of `poll` when the leg dies or is dropped.
-    wake: OwnedFd,
+    wake: EventFd,
     /// The same for the sender.
-    wake_send: OwnedFd,
+    wake_send: EventFd,
     sink: Arc<dyn CompletionSink>,
     /// Requests for the sender. Only sent to while `state` is locked (see the module docs).
     tx: Sender<Msg>,
@@ -368,7 +369,7 @@ impl NbdLeg {
         sink: Arc<dyn CompletionSink>,
     ) -> Result<NbdLeg, OpenError> {
         let (tx, rx) = crossbeam_channel::unbounded();
-        let (wake, wake_send) = match (eventfd(), eventfd()) {
+        let (wake, wake_send) = match (nonblocking_eventfd(), nonblocking_eventfd()) {
             (Ok(a), Ok(b)) => (a, b),
             (Err(source), _) | (_, Err(source)) => return Err(OpenError::Io { uri, source }),
         };
@@ -792,14 +793,14 @@ impl Shared {
 
     /// Wakes the reader and the sender if they wait in `poll`.
     fn kick(&self) {
-        write_eventfd(&self.wake);
-        write_eventfd(&self.wake_send);
+        wake_up(&self.wake);
+        wake_up(&self.wake_send);
     }
 
     /// Wakes the reader thread alone: to stop reading (a reaper adopted the leg) or to start
     /// again (the reaper gave it back).
     fn wake_reader(&self) {
-        write_eventfd(&self.wake);
+        wake_up(&self.wake);
     }
 
     /// Locks the reading side; poisoning is ignored as for [`Shared::lock`].
@@ -1398,7 +1399,7 @@ fn wait_writable(shared: &Shared, fd: RawFd) -> io::Result<()> {
 fn poll_woken(
     fd: RawFd,
     events: libc::c_short,
-    wake: &OwnedFd,
+    wake: &EventFd,
     timeout_ms: libc::c_int,
 ) -> io::Result<bool> {
     let mut pfd = [
@@ -1424,7 +1425,8 @@ fn poll_woken(
         };
     }
     if pfd[1].revents != 0 {
-        clear_eventfd(wake);
+        // Empty (EAGAIN) is as good as cleared.
+        let _ = wake.read();
     }
     Ok(r > 0)
 }
@@ -1497,31 +1499,15 @@ fn finish_partial(shared: &Shared, p: Partial) -> Result<(), String> {
     Ok(())
 }
 
-/// A non-blocking eventfd.
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd(2) takes no pointers; a non-negative result is a new descriptor that
-    // nothing else owns.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just created and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+/// A non-blocking eventfd, closed on exec.
+fn nonblocking_eventfd() -> io::Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
 }
 
-/// Adds one to an eventfd's counter.
-fn write_eventfd(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writes 8 bytes from a live local array to our own eventfd. A full counter (EAGAIN)
-    // means a wake-up is pending anyway.
-    unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), one.len()) };
-}
-
-/// Resets an eventfd's counter.
-fn clear_eventfd(fd: &OwnedFd) {
-    let mut b = [0u8; 8];
-    // SAFETY: reads at most 8 bytes into a live local array from our own eventfd.
-    unsafe { libc::read(fd.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+/// Adds one to a non-blocking eventfd's counter. A full counter (EAGAIN) means a wake-up is
+/// pending anyway.
+fn wake_up(fd: &EventFd) {
+    let _ = fd.write(1);
 }
 
 /// Drops `n` written or read bytes from the front of `iov[*start..]`.

@@ -19,13 +19,14 @@
 use std::cell::Cell;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::ptr;
 use std::sync::atomic::{fence, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use io_uring::IoUring;
+use vmm_sys_util::eventfd::EventFd;
 
 use super::engine::{Done, Engine};
 use super::{Shared, CQ_ENTRIES, SQ_ENTRIES};
@@ -46,7 +47,7 @@ pub struct Reactor {
 /// How a leg tells the reactors holding its requests that it died.
 pub(super) struct Kick {
     /// Registered with the ring, so it also counts completions; the owner's epoll waits on it.
-    eventfd: OwnedFd,
+    eventfd: EventFd,
     /// Bumped by every death of a leg this reactor has served.
     deaths: AtomicU64,
 }
@@ -55,7 +56,7 @@ impl Kick {
     /// A leg this reactor served has died: its requests here must be cancelled.
     pub(super) fn fire(&self) {
         self.deaths.fetch_add(1, Ordering::Release);
-        write_eventfd(self.eventfd.as_raw_fd());
+        write_eventfd(&self.eventfd);
     }
 }
 
@@ -76,13 +77,7 @@ impl Reactor {
         let ring: IoUring = IoUring::builder()
             .setup_cqsize(CQ_ENTRIES)
             .build(SQ_ENTRIES)?;
-        // SAFETY: eventfd has no memory arguments; the result is checked below.
-        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if efd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `efd` is a freshly created descriptor that nothing else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let eventfd = EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         Ok(Reactor {
             state: ManuallyDrop::new(Mutex::new(State {
@@ -125,7 +120,7 @@ impl Reactor {
     /// [`Reactor::fd`] is readable. On the owning thread: what the completions submit in turn
     /// is taken by this reactor too.
     pub fn poll(&self) {
-        read_eventfd(self.kick.eventfd.as_raw_fd());
+        read_eventfd(&self.kick.eventfd);
         self.enter(|| ());
     }
 
@@ -154,7 +149,7 @@ impl Reactor {
                 return false;
             }
             if self.wait(left.min(Duration::from_millis(100))) {
-                read_eventfd(self.fd());
+                read_eventfd(&self.kick.eventfd);
             }
         }
     }
@@ -285,40 +280,17 @@ impl Drop for Reactor {
     }
 }
 
-fn write_eventfd(fd: RawFd) {
-    let one: u64 = 1;
-    loop {
-        // SAFETY: writes 8 bytes from a live local to an eventfd we own.
-        let r = unsafe { libc::write(fd, ptr::addr_of!(one).cast(), std::mem::size_of::<u64>()) };
-        if r >= 0 {
-            return;
+fn write_eventfd(fd: &EventFd) {
+    match fd.write(1) {
+        // A full counter (EAGAIN) means a wake-up is pending anyway.
+        Err(e) if e.kind() != io::ErrorKind::WouldBlock => {
+            log::error!("cannot wake a queue's io_uring: {e}")
         }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::EINTR) => {}
-            // The counter is at its maximum: a wake-up is pending anyway.
-            Some(libc::EAGAIN) => return,
-            _ => {
-                log::error!("cannot wake a queue's io_uring: {err}");
-                return;
-            }
-        }
+        _ => {}
     }
 }
 
-fn read_eventfd(fd: RawFd) {
-    let mut buf: u64 = 0;
-    loop {
-        // SAFETY: reads 8 bytes into a live local from a non-blocking eventfd we own.
-        let r = unsafe {
-            libc::read(
-                fd,
-                ptr::addr_of_mut!(buf).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-        if r >= 0 || io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return;
-        }
-    }
+/// Resets the counter; empty (EAGAIN) is as good.
+fn read_eventfd(fd: &EventFd) {
+    let _ = fd.read();
 }

@@ -24,11 +24,13 @@
 use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
 use std::ptr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use vmm_sys_util::eventfd::EventFd;
 
-use super::{clear_eventfd, eventfd, pump, write_eventfd, End, Shared};
+use super::{nonblocking_eventfd, pump, wake_up, End, Shared};
 use crate::block::LegError;
 
 thread_local! {
@@ -53,7 +55,7 @@ pub struct Reaper {
 pub(super) struct Core {
     epoll: OwnedFd,
     /// In the epoll: fired when a leg was given back, so the owner forgets it.
-    kick: OwnedFd,
+    kick: EventFd,
     legs: Mutex<Legs>,
     /// `legs.adopted.len()`, readable without the lock.
     count: AtomicUsize,
@@ -76,7 +78,7 @@ impl Reaper {
         }
         // SAFETY: `efd` is a freshly created descriptor that nothing else owns.
         let epoll = unsafe { OwnedFd::from_raw_fd(efd) };
-        let kick = eventfd()?;
+        let kick = nonblocking_eventfd()?;
         epoll_ctl(&epoll, libc::EPOLL_CTL_ADD, kick.as_raw_fd(), KICK)?;
         Ok(Reaper {
             core: Arc::new(Core {
@@ -132,7 +134,7 @@ impl Reaper {
         for ev in events.iter().take(n.max(0) as usize) {
             let token = ev.u64;
             if token == KICK {
-                clear_eventfd(&self.core.kick);
+                let _ = self.core.kick.read();
                 self.core.prune();
             } else {
                 self.core.read(token as RawFd);
@@ -257,7 +259,7 @@ impl Core {
     pub(super) fn forget(&self, fd: RawFd) {
         // Failure means it is not there (any more); either way no event comes from it now.
         let _ = epoll_ctl(&self.epoll, libc::EPOLL_CTL_DEL, fd, 0);
-        write_eventfd(&self.kick);
+        wake_up(&self.kick);
     }
 
     /// Drops the legs that were given back.
