@@ -31,26 +31,7 @@ fn file_leg_io_stays_on_the_queue_worker() {
         let extra: &[&str] = if leg_threads { &["--leg-threads"] } else { &[] };
         let mut d = Daemon::start(&dir, &legs, extra);
         let mut c = Client::connect(&d.socket, 16);
-        let before = sleeps_of(d.child.id(), "file-leg");
-        let rep = stamped_workload(&mut c, BLOCKS, 16, Duration::from_secs(1), |_| {});
-        let sleeps = sleeps_of(d.child.id(), "file-leg") - before;
-        assert_eq!(rep.errors, 0, "{}", d.log_text());
-        assert!(rep.writes_ok > 1000, "only {} writes", rep.writes_ok);
-        if leg_threads {
-            assert!(
-                sleeps > rep.writes_ok / 20,
-                "leg threads slept {sleeps} times over {} writes",
-                rep.writes_ok
-            );
-        } else {
-            assert!(
-                sleeps < rep.writes_ok / 100,
-                "leg threads slept {sleeps} times over {} writes: the queue's io_uring is not \
-                 taking the I/O",
-                rep.writes_ok
-            );
-        }
-        assert_eq!(verify_acked(&mut c, &rep.acked), 0);
+        check_leg_thread_sleeps(&d, &mut c, BLOCKS, "file-leg", leg_threads);
         drop(c);
         d.terminate();
         assert_legs_equal(&dir);

@@ -317,27 +317,7 @@ fn nbd_replies_are_read_by_the_queue_worker() {
         };
         let mut r = Rig::plain(name, extra);
         let mut c = Client::connect(&r.daemon.socket, 16);
-        let pid = r.daemon.child.id();
-        let before = sleeps_of(pid, "nbd-recv");
-        let rep = stamped_workload(&mut c, 4096, 16, Duration::from_secs(1), |_| {});
-        let sleeps = sleeps_of(pid, "nbd-recv") - before;
-        assert_eq!(rep.errors, 0, "{}", r.daemon.log_text());
-        assert!(rep.writes_ok > 1000, "only {} writes", rep.writes_ok);
-        if leg_threads {
-            assert!(
-                sleeps > rep.writes_ok / 20,
-                "reader threads slept {sleeps} times over {} writes",
-                rep.writes_ok
-            );
-        } else {
-            assert!(
-                sleeps < rep.writes_ok / 100,
-                "reader threads slept {sleeps} times over {} writes: the queue's worker is not \
-                 reading the replies",
-                rep.writes_ok
-            );
-        }
-        assert_eq!(verify_acked(&mut c, &rep.acked), 0);
+        check_leg_thread_sleeps(&r.daemon, &mut c, 4096, "nbd-recv", leg_threads);
         let end = c.capacity as usize;
         drop(c);
         r.daemon.terminate();

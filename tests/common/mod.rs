@@ -680,3 +680,39 @@ pub fn sleeps_per_thread(pid: u32, name: &str) -> std::collections::HashMap<Stri
     }
     per
 }
+
+/// One second of stamped QD16 writes over `blocks` blocks through `c`, counting the sleeps of
+/// the daemon's threads called `thread` (the legs' own: `file-leg`, `nbd-recv`) meanwhile. By
+/// default the queue's worker does their work and they sleep through it (fewer than one sleep
+/// per 100 writes); with `--leg-threads` (`leg_threads`) they wake for it (more than one per
+/// 20), which shows the count tells the two apart. No write fails and every acknowledged block
+/// reads back.
+pub fn check_leg_thread_sleeps(
+    d: &Daemon,
+    c: &mut Client,
+    blocks: u64,
+    thread: &str,
+    leg_threads: bool,
+) {
+    let pid = d.child.id();
+    let before = sleeps_of(pid, thread);
+    let rep = stamped_workload(c, blocks, 16, Duration::from_secs(1), |_| {});
+    let sleeps = sleeps_of(pid, thread) - before;
+    assert_eq!(rep.errors, 0, "{}", d.log_text());
+    assert!(rep.writes_ok > 1000, "only {} writes", rep.writes_ok);
+    if leg_threads {
+        assert!(
+            sleeps > rep.writes_ok / 20,
+            "{thread} threads slept {sleeps} times over {} writes",
+            rep.writes_ok
+        );
+    } else {
+        assert!(
+            sleeps < rep.writes_ok / 100,
+            "{thread} threads slept {sleeps} times over {} writes: the queue's worker is not \
+             doing their work",
+            rep.writes_ok
+        );
+    }
+    assert_eq!(verify_acked(c, &rep.acked), 0);
+}

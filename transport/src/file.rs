@@ -1616,6 +1616,21 @@ mod tests {
         got
     }
 
+    /// Inside `reactor`: one FUA write of `len` bytes from each buffer, buffer `i` at offset
+    /// `i * len` with tag `i`.
+    fn fua_writes(reactor: &Reactor, leg: &FileLeg, bufs: &[TBuf], len: usize) {
+        reactor.enter(|| {
+            for (i, t) in bufs.iter().enumerate() {
+                let op = LegOp::Write {
+                    offset: (i * len) as u64,
+                    bufs: buffers(&[(t, 0, len)]),
+                    fua: true,
+                };
+                leg.submit(LegRequest { tag: i as Tag, op });
+            }
+        });
+    }
+
     fn write_op(t: &TBuf, off: usize, len: usize, offset: u64) -> LegOp {
         LegOp::Write {
             offset,
@@ -1783,16 +1798,7 @@ mod tests {
         let (sink, rx) = thread_sink();
         let leg = open_with(&path, &sink);
         let reactor = Reactor::new().unwrap();
-        reactor.enter(|| {
-            for (i, t) in bufs.iter().enumerate() {
-                let op = LegOp::Write {
-                    offset: (i * LEN) as u64,
-                    bufs: buffers(&[(t, 0, LEN)]),
-                    fua: true,
-                };
-                leg.submit(LegRequest { tag: i as Tag, op });
-            }
-        });
+        fua_writes(&reactor, &leg, &bufs, LEN);
         let mut done = poll_until(&reactor, &rx, 1);
         leg.abort("test abort");
         done.extend(poll_until(&reactor, &rx, REQS - done.len()));
@@ -1879,16 +1885,7 @@ mod tests {
         let (sink, rx) = thread_sink();
         let leg = open_with(&path, &sink);
         let reactor = Reactor::new().unwrap();
-        reactor.enter(|| {
-            for (i, t) in bufs.iter().enumerate() {
-                let op = LegOp::Write {
-                    offset: (i * LEN) as u64,
-                    bufs: buffers(&[(t, 0, LEN)]),
-                    fua: true,
-                };
-                leg.submit(LegRequest { tag: i as Tag, op });
-            }
-        });
+        fua_writes(&reactor, &leg, &bufs, LEN);
         let mut done = poll_until(&reactor, &rx, 1);
         // Replace the ring's descriptor with /dev/null: the next io_uring_enter fails.
         let null = File::open("/dev/null").unwrap();
@@ -1943,16 +1940,7 @@ mod tests {
         let leg = open_with(&path, &sink);
         assert!(leg.wait_quiet(Duration::ZERO));
         let reactor = Reactor::new().unwrap();
-        reactor.enter(|| {
-            for (i, t) in bufs.iter().enumerate() {
-                let op = LegOp::Write {
-                    offset: (i * LEN) as u64,
-                    bufs: buffers(&[(t, 0, LEN)]),
-                    fua: true,
-                };
-                leg.submit(LegRequest { tag: i as Tag, op });
-            }
-        });
+        fua_writes(&reactor, &leg, &bufs, LEN);
         // 50 MiB of synchronous writes are not done yet.
         assert!(!leg.wait_quiet(Duration::ZERO));
         poll_until(&reactor, &rx, REQS);

@@ -4186,19 +4186,8 @@ mod tests {
         let mut k = Nbdkit::unix(&["memory", "size=64M"]);
         let (leg, rx) = open_reaped(&k.address);
         let reaper = Reaper::new().expect("reaper");
-        let mut data: Vec<Vec<u8>> = (0..32).map(|i| pattern(i, 0, 4096)).collect();
         k.signal(libc::SIGSTOP);
-        reaper.enter(|| {
-            crate::batch::run(|| {
-                for (i, b) in data.iter_mut().enumerate() {
-                    submit(
-                        &leg,
-                        i as Tag,
-                        write(i as u64 * 4096, bufs(b, &[4096]), false),
-                    );
-                }
-            })
-        });
+        let _data = writes_under(&reaper, &leg, 32);
         assert_eq!(reaper.adopted(), 1);
         k.kill9();
         for (tag, (_, res, _)) in reap(&reaper, &rx, 32) {
@@ -4208,6 +4197,21 @@ mod tests {
         assert_quiet_reaped(&reaper, &rx);
         assert_eq!(reaper.adopted(), 0, "the reaper still holds a dead leg");
         assert!(!leg.is_alive());
+    }
+
+    /// Submits `n` 4 KiB writes to `leg` inside `reaper`, as one batch; returns their buffers,
+    /// which must outlive the requests.
+    fn writes_under(reaper: &Reaper, leg: &NbdLeg, n: u64) -> Vec<Vec<u8>> {
+        let mut data: Vec<Vec<u8>> = (0..n).map(|i| pattern(i, 0, 4096)).collect();
+        reaper.enter(|| {
+            crate::batch::run(|| {
+                for (i, b) in data.iter_mut().enumerate() {
+                    let op = write(i as u64 * 4096, bufs(b, &[4096]), false);
+                    submit(leg, i as Tag, op);
+                }
+            })
+        });
+        data
     }
 
     fn assert_quiet_reaped(reaper: &Reaper, rx: &Receiver<Reaped>) {
@@ -4228,19 +4232,8 @@ mod tests {
         let k = Nbdkit::unix(&["memory", "size=64M"]);
         let (leg, rx) = open_reaped(&k.address);
         let reaper = Reaper::new().expect("reaper");
-        let mut data: Vec<Vec<u8>> = (0..8).map(|i| pattern(i, 0, 4096)).collect();
         k.signal(libc::SIGSTOP);
-        reaper.enter(|| {
-            crate::batch::run(|| {
-                for (i, b) in data.iter_mut().enumerate() {
-                    submit(
-                        &leg,
-                        i as Tag,
-                        write(i as u64 * 4096, bufs(b, &[4096]), false),
-                    );
-                }
-            })
-        });
+        let _data = writes_under(&reaper, &leg, 8);
         assert_eq!(reaper.adopted(), 1);
         leg.abort("test abort");
         let me = thread::current().id();
