@@ -208,31 +208,18 @@ impl VhostUserBlk {
         let has = |kind: fn(&LegSpec) -> bool| specs.iter().any(|s| s.as_ref().is_none_or(kind));
         let file_legs = has(|s| matches!(s, LegSpec::File { .. }));
         let nbd_legs = has(|s| matches!(s, LegSpec::Nbd { .. }));
-        let reactor = || {
-            if !cfg.queue_rings || !file_legs {
-                return None;
-            }
-            Reactor::new()
-                .inspect_err(|e| {
-                    warn!("no io_uring for a queue ({e}); file legs use their own threads")
-                })
-                .ok()
-        };
-        let reaper = || {
-            if !cfg.queue_rings || !nbd_legs {
-                return None;
-            }
-            Reaper::new()
-                .inspect_err(|e| {
-                    warn!("no epoll for a queue ({e}); NBD replies are read by the legs' threads")
-                })
-                .ok()
+        let queue = || {
+            let reactor = optional(cfg.queue_rings && file_legs, Reactor::new, || {
+                "no io_uring for a queue; file legs use their own threads"
+            });
+            let reaper = optional(cfg.queue_rings && nbd_legs, Reaper::new, || {
+                "no epoll for a queue; NBD replies are read by the legs' threads"
+            });
+            Arc::new(QueueState::new(cfg.poll_max, reactor, reaper))
         };
         Ok(VhostUserBlk {
             config: config_space(&info, &cfg),
-            queues: (0..cfg.num_queues)
-                .map(|_| Arc::new(QueueState::new(cfg.poll_max, reactor(), reaper())))
-                .collect(),
+            queues: (0..cfg.num_queues).map(|_| queue()).collect(),
             mirror,
             limits,
             serial,
@@ -545,6 +532,19 @@ impl VhostUserBlk {
     }
 }
 
+/// `make()` if `wanted`; a failure is logged (`fallback` says what happens instead) and leaves
+/// the work to the legs' own threads.
+fn optional<T>(
+    wanted: bool,
+    make: fn() -> io::Result<T>,
+    fallback: impl FnOnce() -> &'static str,
+) -> Option<T> {
+    if !wanted {
+        return None;
+    }
+    make().inspect_err(|e| warn!("{} ({e})", fallback())).ok()
+}
+
 /// Serves `mirror` on the vhost-user socket `socket`, one frontend at a time, until `stop` is
 /// set. A frontend that disconnects (a restarting VMM) is waited for again.
 pub fn serve(
@@ -587,4 +587,56 @@ pub fn serve(
         backend.hand_over_rings();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mirror::{IoStatus, MirrorConfig};
+
+    fn device(legs: &[String]) -> VhostUserBlk {
+        let specs: Vec<LegSpec> = legs.iter().map(|l| l.parse().unwrap()).collect();
+        let cfg = MirrorConfig {
+            metadata: false,
+            ..MirrorConfig::default()
+        };
+        let mirror: BlkMirror =
+            BlockMirror::open(&specs, cfg, |c: Completion, s: IoStatus| c.finish(s)).unwrap();
+        let cfg = BlkConfig {
+            num_queues: 2,
+            ..BlkConfig::default()
+        };
+        VhostUserBlk::new(mirror, cfg).unwrap()
+    }
+
+    /// Each is entered on every pass: a queue has a file reactor only with file legs, and an
+    /// NBD reaper only with NBD legs (the latter's presence is tested against nbdkit in
+    /// tests/blk_mirror.rs).
+    #[test]
+    fn queues_carry_only_what_their_legs_use() {
+        let null = device(&["null:1M".into(), "null:1M".into()]);
+        assert!(null
+            .queues
+            .iter()
+            .all(|q| q.reactor.is_none() && q.reaper.is_none()));
+        let dir = std::env::temp_dir().join(format!("blk-queues-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let legs: Vec<String> = (0..2)
+            .map(|i| {
+                let path = dir.join(format!("leg{i}.img"));
+                std::fs::File::create(&path)
+                    .unwrap()
+                    .set_len(1 << 20)
+                    .unwrap();
+                format!("file:{}", path.display())
+            })
+            .collect();
+        let files = device(&legs);
+        assert!(files
+            .queues
+            .iter()
+            .all(|q| q.reactor.is_some() && q.reaper.is_none()));
+        drop(files);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
