@@ -786,7 +786,13 @@ fn active_backup_guest_fails_over_and_announces() {
     let mut rig = Rig::build("ga", Mode::ActiveBackup, ["", ""]);
     rig.warm_up();
     let f = rig.f.clone();
-    assert_eq!(rig.status()["paths"][0]["active"], true);
+    let st = rig.status();
+    assert_eq!(
+        st["paths"][0]["active"],
+        true,
+        "path A is not the active one after the warm-up: {st}\n{}",
+        rig.log("net.log")
+    );
     // Watch for ARP on the backup TAP.
     let arp = rig.dir.path("arp.txt");
     let mut cap = Command::new("ip")
