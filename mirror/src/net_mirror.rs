@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -66,7 +66,8 @@ pub struct NetConfig {
     /// every `probe_interval` (from a MAC of the path's own, with sender address 0.0.0.0, so
     /// neither the guest's MAC nor anyone's ARP cache moves), and a path whose last
     /// `probe_misses` probes went unanswered counts as down even with carrier up: a cut
-    /// beyond the first switch is seen too.
+    /// beyond the first switch is seen too. Only what was read is judged: frames waiting
+    /// unread on a path keep its standing.
     pub probe: Option<Ipv4Addr>,
     pub probe_interval: Duration,
     pub probe_misses: u32,
@@ -576,9 +577,18 @@ impl Inner {
         for (i, s) in self.slots.iter().enumerate() {
             s.link.store(s.path.link_up(), Ordering::Relaxed);
             if self.cfg.probe.is_some() {
-                let last = s.last_answer_ms.load(Ordering::Relaxed);
+                let answered = |last: u64| last > 0 && now_ms.saturating_sub(last) <= window;
                 // Until the first window has passed a path is not judged.
-                let ok = now_ms < window || (last > 0 && now_ms.saturating_sub(last) <= window);
+                let mut ok = now_ms < window || answered(s.last_answer_ms.load(Ordering::Relaxed));
+                if !ok && s.probe_ok.load(Ordering::Relaxed) {
+                    // Before a path is judged down for silence, everything it received must
+                    // have been read. The receiver runs on the frontend's worker, which may be
+                    // late (a host starved of CPU) or absent (no frontend yet): answers queued
+                    // behind it are no silence, and judging then would fail over to whichever
+                    // path happened to be read first.
+                    let _reading = self.quiet_receiver();
+                    ok = s.path.has_pending() || answered(s.last_answer_ms.load(Ordering::Relaxed));
+                }
                 if s.probe_ok.swap(ok, Ordering::Relaxed) != ok {
                     if ok {
                         info!("path {i}: the probe target answers again");
@@ -595,12 +605,36 @@ impl Inner {
         }
         let active = self.active.load(Ordering::Relaxed);
         let other = 1 - active;
-        if !self.slots[active].usable() && self.slots[other].usable() {
+        if !self.slots[active].usable()
+            && self.slots[other].usable()
+            && !self.silent_but_unread(active)
+        {
             self.active.store(other, Ordering::Relaxed);
             self.failovers.fetch_add(1, Ordering::Relaxed);
             warn!("path {active} is down: traffic moves to path {other}");
             self.announce(other);
         }
+    }
+
+    /// Holds the receive buffer: no receiver is then between reading a frame and noting it.
+    fn quiet_receiver(&self) -> MutexGuard<'_, Vec<u8>> {
+        self.rxbuf.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether path `i` is down only for want of probe answers while frames wait unread on
+    /// it. The other path being up may then only mean it was read first (both judged while
+    /// nobody read, then one receiver catching up before the other); traffic stays until the
+    /// silent path's frames have been read.
+    fn silent_but_unread(&self, i: usize) -> bool {
+        let s = &self.slots[i];
+        if !s.link.load(Ordering::Relaxed)
+            || s.forced_down.load(Ordering::Relaxed)
+            || s.probe_ok.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        let _reading = self.quiet_receiver();
+        s.path.has_pending()
     }
 
     /// Tells the new path's network where the guest's addresses live now.

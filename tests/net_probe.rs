@@ -1,0 +1,222 @@
+//! active-backup's ARP probes against a real kernel, without a VM: the engine's two paths are
+//! AF_PACKET sockets on veths whose peers sit on a bridge in a server namespace; the bridge's
+//! address is the probe target. The test plays the frontend's receiver itself, so it decides
+//! when the paths are read.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use mirror::{NetConfig, NetMirror, NetMode, NetStatus};
+use transport::net::PathSpec;
+
+const TARGET: &str = "10.77.0.1";
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn sh_ok(cmd: &str) {
+    let _ = Command::new("sh").arg("-c").arg(cmd).output();
+}
+
+/// Two veths from this namespace to bridge `fab` in namespace `{tag}s`, removed on drop.
+struct Server {
+    tag: String,
+}
+
+impl Server {
+    fn build(name: &str) -> Server {
+        let t = format!("{name}{}", std::process::id() % 10_000);
+        let s = Server { tag: t.clone() };
+        sh_ok(&format!(
+            "ip netns del {t}s; ip link del {t}a; ip link del {t}b"
+        ));
+        sh(&format!(
+            "ip netns add {t}s && ip -n {t}s link add fab type bridge && \
+             ip -n {t}s link set fab up && ip -n {t}s addr add {TARGET}/24 dev fab"
+        ));
+        for p in ["a", "b"] {
+            // No address and no IPv6 on this side: the only frames are the probes and answers.
+            sh(&format!(
+                "ip link add {t}{p} type veth peer name {t}{p}p netns {t}s && \
+                 sysctl -qw net.ipv6.conf.{t}{p}.disable_ipv6=1 && ip link set {t}{p} up && \
+                 ip -n {t}s link set {t}{p}p master fab up"
+            ));
+        }
+        s
+    }
+
+    fn spec(&self, p: &str) -> PathSpec {
+        format!("packet:{}{p}", self.tag).parse().unwrap()
+    }
+
+    /// Stops the bridge forwarding on path `p`'s port: the path keeps its carrier, and only
+    /// the probes can tell that nothing comes back.
+    fn silence(&self, p: &str) {
+        self.port_state(p, 0);
+    }
+
+    /// Undoes [`Server::silence`].
+    fn speak(&self, p: &str) {
+        self.port_state(p, 3);
+    }
+
+    fn port_state(&self, p: &str, state: u8) {
+        let t = &self.tag;
+        sh(&format!(
+            "ip netns exec {t}s bridge link set dev {t}{p}p state {state}"
+        ));
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let t = &self.tag;
+        sh_ok(&format!(
+            "ip netns del {t}s; ip link del {t}a; ip link del {t}b"
+        ));
+    }
+}
+
+fn open(server: &Server) -> NetMirror {
+    let cfg = NetConfig {
+        mode: NetMode::ActiveBackup,
+        probe: Some(TARGET.parse().unwrap()),
+        ..NetConfig::default()
+    };
+    NetMirror::open(&[server.spec("a"), server.spec("b")], cfg).unwrap()
+}
+
+fn states(st: &NetStatus) -> Vec<(&'static str, bool, u64)> {
+    st.paths
+        .iter()
+        .map(|p| (p.state, p.active, p.probe_answers))
+        .collect()
+}
+
+/// Reads both paths as a frontend's worker would, for `d`.
+fn receive_for(m: &NetMirror, d: Duration) {
+    let t0 = Instant::now();
+    while t0.elapsed() < d {
+        for p in 0..2 {
+            m.poll(p, &mut |_| {});
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Answers that wait unread are no silence: while nobody reads the paths (no frontend yet, or
+/// its worker starved of CPU) neither is judged, and reading one before the other moves no
+/// traffic. Real silence is still seen once everything received has been read.
+#[test]
+fn unread_answers_are_no_silence() {
+    let server = Server::build("pr");
+    let m = open(&server);
+    // Three windows (100 ms probes, 3 misses, one interval's grace) with nobody reading.
+    std::thread::sleep(Duration::from_millis(1200));
+    let st = m.status();
+    assert_eq!(st.failovers, 0, "{:?}", states(&st));
+    assert!(
+        st.paths
+            .iter()
+            .all(|p| p.state == "up" && p.probe_answers == 0),
+        "paths judged while their answers waited unread: {:?}",
+        states(&st)
+    );
+    // Path B's receiver catches up first; A's answers still wait. Several monitor ticks.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(400) {
+        m.poll(1, &mut |_| {});
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = m.status();
+    assert!(st.paths[1].probe_answers > 0, "{:?}", states(&st));
+    assert_eq!(
+        (st.failovers, st.paths[0].active),
+        (0, true),
+        "traffic moved to the path that happened to be read first: {:?}",
+        states(&st)
+    );
+    receive_for(&m, Duration::from_millis(300));
+    let st = m.status();
+    assert!(
+        st.paths
+            .iter()
+            .all(|p| p.state == "up" && p.probe_answers > 0),
+        "{:?}",
+        states(&st)
+    );
+
+    // A real cut beyond the first hop, with the receiver keeping up: A is judged within a few
+    // windows and traffic moves to B.
+    server.silence("a");
+    let t0 = Instant::now();
+    while m.status().failovers == 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "silence on path A not seen: {:?}",
+            states(&m.status())
+        );
+        receive_for(&m, Duration::from_millis(50));
+    }
+    let st = m.status();
+    assert_eq!(
+        (st.paths[0].state, st.paths[0].active, st.paths[1].active),
+        ("no-answer", false, true),
+        "{:?}",
+        states(&st)
+    );
+    eprintln!(
+        "silence on A judged after {:?}: {:?}",
+        t0.elapsed(),
+        states(&st)
+    );
+}
+
+/// Both paths judged silent (the server was not there yet), then the server answers while
+/// nobody reads: the receiver that catches up first must not take the traffic with it, since
+/// the other path's answers only wait unread.
+#[test]
+fn a_path_read_first_takes_no_traffic_from_one_read_later() {
+    let server = Server::build("pl");
+    server.silence("a");
+    server.silence("b");
+    let m = open(&server);
+    receive_for(&m, Duration::from_millis(800));
+    let st = m.status();
+    assert!(
+        st.paths.iter().all(|p| p.state == "no-answer"),
+        "{:?}",
+        states(&st)
+    );
+    server.speak("a");
+    server.speak("b");
+    // Answers queue on both paths with nobody reading; then only B's receiver catches up.
+    std::thread::sleep(Duration::from_millis(500));
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(400) {
+        m.poll(1, &mut |_| {});
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = m.status();
+    assert_eq!(st.paths[1].state, "up", "{:?}", states(&st));
+    assert_eq!(
+        (st.failovers, st.paths[0].active),
+        (0, true),
+        "traffic moved to the path that happened to be read first: {:?}",
+        states(&st)
+    );
+    receive_for(&m, Duration::from_millis(300));
+    let st = m.status();
+    assert_eq!(
+        (st.failovers, states(&st)[0].0, states(&st)[1].0),
+        (0, "up", "up"),
+        "{:?}",
+        states(&st)
+    );
+}
