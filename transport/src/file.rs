@@ -1799,19 +1799,23 @@ mod tests {
         let leg = open_with(&path, &sink);
         let reactor = Reactor::new().unwrap();
         fua_writes(&reactor, &leg, &bufs, LEN);
-        let mut done = poll_until(&reactor, &rx, 1);
+        // Only `poll` reaps, so what the reactor holds now is what the abort finds: 50 MiB of
+        // synchronous writes do not all finish inside the pass that submitted them.
+        let held = reactor.in_flight();
+        assert!(held > 0, "every write finished inside the submitting pass");
         leg.abort("test abort");
-        done.extend(poll_until(&reactor, &rx, REQS - done.len()));
+        let done = poll_until(&reactor, &rx, REQS);
         let aborted = Err(LegError::Aborted("test abort".into()));
         assert_eq!(done.iter().map(|d| d.0).collect::<HashSet<_>>().len(), REQS);
         for (tag, r, _) in &done {
             assert!(r.is_ok() || *r == aborted, "tag {tag}: {r:?}");
         }
-        // 50 MiB of synchronous writes do not finish between the first completion and the
-        // abort: the requests still held must have learnt of it.
+        // Whatever the kernel made of them, the requests held when the leg died report its
+        // death (those beyond the reactor's slots went through the leg's own thread).
+        let failed = done.iter().filter(|d| d.1 == aborted).count();
         assert!(
-            done.iter().any(|d| d.1 == aborted),
-            "no request held by the reactor was failed by the abort"
+            failed >= held,
+            "{held} requests were held by the reactor at the abort, {failed} failed with it"
         );
         assert_eq!(reactor.in_flight(), 0);
     }
