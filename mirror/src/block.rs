@@ -346,7 +346,8 @@ pub(crate) struct Entry<C> {
     /// another leg took the write.
     write_failed: Mask,
     error: Option<LegError>,
-    /// When the request went to its legs, on [`coarse_now`]'s clock.
+    /// When the request went to its legs, on [`coarse_now`]'s clock; moved to a late first
+    /// answer (see [`Inner::leg_done`]).
     sent_at: Duration,
 }
 
@@ -1076,6 +1077,17 @@ impl<C: Send + 'static> Inner<C> {
             };
             e.outstanding &= !bit(leg);
             e.waiting &= !bit(leg);
+            if e.outstanding != 0 {
+                // A first answer that is itself past the timeout ends a stall all the legs
+                // shared (a paused host, a congested fabric). The others get their timeout
+                // from here: judged from when the request went out, whichever leg resumed a
+                // moment later would count as late against one that answered just before,
+                // and be ejected for the common stall.
+                let now = coarse_now();
+                if now.saturating_sub(e.sent_at) > self.timeout_of(e) {
+                    e.sent_at = now;
+                }
+            }
             let internal = matches!(e.origin, Origin::Internal(_));
             match &result {
                 Ok(()) => {
@@ -1327,6 +1339,15 @@ impl<C: Send + 'static> Inner<C> {
     }
 
     /// Ejects legs that died on their own or sit on a request past the timeout.
+    /// How long a leg may hold `e` before it is late.
+    fn timeout_of(&self, e: &Entry<C>) -> Duration {
+        if e.waits_for_write_back() {
+            self.cfg.flush_timeout.max(self.cfg.io_timeout)
+        } else {
+            self.cfg.io_timeout
+        }
+    }
+
     fn check_legs(&self) {
         let timeout = self.cfg.io_timeout;
         let slow_timeout = self.cfg.flush_timeout.max(timeout);
@@ -1338,12 +1359,12 @@ impl<C: Send + 'static> Inner<C> {
                 if e.outstanding == 0 {
                     continue;
                 }
-                let age = now.saturating_sub(e.sent_at);
+                if now.saturating_sub(e.sent_at) <= self.timeout_of(e) {
+                    continue;
+                }
                 if e.waits_for_write_back() {
-                    if age > slow_timeout {
-                        late_slow |= e.outstanding;
-                    }
-                } else if age > timeout {
+                    late_slow |= e.outstanding;
+                } else {
                     late_io |= e.outstanding;
                 }
             }

@@ -311,11 +311,42 @@ fn legs_late_together_are_kept_until_one_keeps_up() {
     assert!(r.done.try_recv().is_err(), "the write waits for its legs");
     let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
     r.legs[0].sink.complete(tag, Ok(()));
-    // Leg 0 answered; leg 1 alone is late now and goes at the watchdog's next look.
+    // Leg 0 answered; leg 1 alone is late a timeout after that answer and goes.
     assert_eq!(wait(&r), (4, IoStatus::Ok));
     let st = r.mirror.status();
     assert_eq!(st.legs[0].state, LegState::UpToDate);
     assert_eq!(st.legs[1].state, LegState::Failed);
+}
+
+/// Legs stalled together resume a moment apart: the one that answers second is judged from the
+/// first one's answer, not from when the write went out, so the shared stall ejects nobody.
+#[test]
+fn the_leg_that_resumes_second_from_a_shared_stall_is_kept() {
+    // Watchdog looks every 250 ms.
+    let r = rig(1000);
+    let mut buf = vec![1u8; 512];
+    r.legs[0].set(Mode::Hold);
+    r.legs[1].set(Mode::Hold);
+    r.mirror.submit(write_op(&mut buf), None, 6);
+    std::thread::sleep(Duration::from_millis(1300));
+    let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
+    r.legs[0].sink.complete(tag, Ok(()));
+    // Longer than a watchdog look, well inside the timeout counted from leg 0's answer.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        r.mirror.status().legs[1].state,
+        LegState::UpToDate,
+        "leg 1 ejected {:?} after leg 0 resumed from the same stall",
+        Duration::from_millis(400)
+    );
+    let tag = r.legs[1].held.lock().unwrap().pop().unwrap();
+    r.legs[1].sink.complete(tag, Ok(()));
+    assert_eq!(wait(&r), (6, IoStatus::Ok));
+    let st = r.mirror.status();
+    assert_eq!(
+        [st.legs[0].state, st.legs[1].state],
+        [LegState::UpToDate, LegState::UpToDate]
+    );
 }
 
 /// The last up-to-date leg is kept however late it is: ejecting it would fail the guest.
