@@ -1631,6 +1631,27 @@ mod tests {
         });
     }
 
+    /// [`fua_writes`] until the reactor still holds some of them after the submitting pass,
+    /// which reaps until a look finds nothing: a thread descheduled for as long as the disk
+    /// takes would see a whole batch done. Says how many it holds.
+    fn fua_writes_held(
+        reactor: &Reactor,
+        leg: &FileLeg,
+        bufs: &[TBuf],
+        len: usize,
+        rx: &Receiver<ThreadDone>,
+    ) -> usize {
+        for _ in 0..5 {
+            fua_writes(reactor, leg, bufs, len);
+            let held = reactor.in_flight();
+            if held > 0 {
+                return held;
+            }
+            poll_until(reactor, rx, bufs.len());
+        }
+        panic!("five batches of writes each finished inside the pass that submitted them");
+    }
+
     fn write_op(t: &TBuf, off: usize, len: usize, offset: u64) -> LegOp {
         LegOp::Write {
             offset,
@@ -1798,11 +1819,8 @@ mod tests {
         let (sink, rx) = thread_sink();
         let leg = open_with(&path, &sink);
         let reactor = Reactor::new().unwrap();
-        fua_writes(&reactor, &leg, &bufs, LEN);
-        // Only `poll` reaps, so what the reactor holds now is what the abort finds: 50 MiB of
-        // synchronous writes do not all finish inside the pass that submitted them.
-        let held = reactor.in_flight();
-        assert!(held > 0, "every write finished inside the submitting pass");
+        // Only `poll` reaps, so what the reactor holds now is what the abort finds.
+        let held = fua_writes_held(&reactor, &leg, &bufs, LEN, &rx);
         leg.abort("test abort");
         let done = poll_until(&reactor, &rx, REQS);
         let aborted = Err(LegError::Aborted("test abort".into()));
@@ -1944,8 +1962,7 @@ mod tests {
         let leg = open_with(&path, &sink);
         assert!(leg.wait_quiet(Duration::ZERO));
         let reactor = Reactor::new().unwrap();
-        fua_writes(&reactor, &leg, &bufs, LEN);
-        // 50 MiB of synchronous writes are not done yet.
+        fua_writes_held(&reactor, &leg, &bufs, LEN, &rx);
         assert!(!leg.wait_quiet(Duration::ZERO));
         poll_until(&reactor, &rx, REQS);
         assert!(leg.wait_quiet(Duration::ZERO));

@@ -2516,9 +2516,22 @@ mod tests {
         }
 
         fn signal(&self, sig: libc::c_int) {
+            let pid = self.child.id() as libc::pid_t;
             // SAFETY: sending a signal to our own child process has no memory effects.
-            let r = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+            let r = unsafe { libc::kill(pid, sig) };
             assert_eq!(r, 0, "kill({sig})");
+            if sig == libc::SIGSTOP {
+                // kill(2) only queues the stop: until every thread has taken it, a connection
+                // thread could still answer a request sent right after. The parent hears of
+                // the stop once the whole process has stopped.
+                let mut status = 0;
+                // SAFETY: waitpid on our own child, not yet reaped, with a valid status slot.
+                let r = unsafe { libc::waitpid(pid, &mut status, libc::WUNTRACED) };
+                assert!(
+                    r == pid && libc::WIFSTOPPED(status),
+                    "nbdkit did not stop: waitpid {r}, status {status:#x}"
+                );
+            }
         }
 
         fn kill9(&mut self) {
@@ -3116,12 +3129,23 @@ mod tests {
         let (leg, rx) = open(&k.address);
         let leg = Arc::new(leg);
         const PER_THREAD: usize = 3000;
+        // Halfway through, the workers wait while the server is paused: what they submit after
+        // that cannot succeed, so the death surely fails some requests while they submit.
+        let (half, go) = (
+            Arc::new(std::sync::Barrier::new(3)),
+            Arc::new(std::sync::Barrier::new(3)),
+        );
         let mut workers = Vec::new();
         for t in 0..2u64 {
             let leg = Arc::clone(&leg);
+            let (half, go) = (Arc::clone(&half), Arc::clone(&go));
             workers.push(thread::spawn(move || {
                 let mut mem = vec![0u8; PER_THREAD * 4096];
                 for (i, chunk) in mem.chunks_mut(4096).enumerate() {
+                    if i == PER_THREAD / 2 {
+                        half.wait();
+                        go.wait();
+                    }
                     let tag = t * 1_000_000 + i as Tag;
                     let off = (t as usize * PER_THREAD + i) as u64 * 4096;
                     let op = if i % 2 == 0 {
@@ -3138,7 +3162,9 @@ mod tests {
                 mem
             }));
         }
-        thread::sleep(Duration::from_millis(20));
+        half.wait();
+        k.signal(libc::SIGSTOP);
+        go.wait();
         if kill {
             k.kill9();
         } else {
