@@ -382,19 +382,6 @@ fn run_guest(
     out
 }
 
-/// Asks the daemon to take leg `i` back now; it may already be on its way back on its own.
-fn re_add(rig: &Rig, i: usize) {
-    let r = ctl(
-        &rig.daemon.control,
-        &format!(r#"{{"cmd":"re-add","leg":{i}}}"#),
-    );
-    if r["ok"] != true {
-        let state = rig.daemon.leg_state(i);
-        assert_ne!(state, "failed", "re-add {i} refused: {r}");
-        eprintln!("re-add {i}: {r} (leg already {state})");
-    }
-}
-
 /// After the daemon's clean stop both legs must hold the same data over the guest-visible area,
 /// and that data must be fio's (every block fio wrote is non-zero).
 fn assert_legs_identical(rig: &mut Rig) {

@@ -202,9 +202,10 @@ fn fabric_cut_loses_nothing() {
     for g in 0..2 {
         let st = f.status(g);
         let n = |lan: &str, k: &str| st["prp"][lan][k].as_u64().unwrap();
-        // Both copies of most frames arrived and one was discarded ...
+        // Both copies of most frames arrived and one was discarded (about 300 of 400: the
+        // cut takes a second and however long `ip` takes to undo it) ...
         assert!(
-            n("lan_b", "duplicates") + n("lan_a", "duplicates") >= 300,
+            n("lan_b", "duplicates") + n("lan_a", "duplicates") >= 250,
             "{st}"
         );
         // ... except while fabric A was cut, when frames came on B only.

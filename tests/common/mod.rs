@@ -527,6 +527,19 @@ pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// Asks the daemon to take leg `i` back now; it may already be on its way back on its own.
+pub fn re_add(rig: &Rig, i: usize) {
+    let r = ctl(
+        &rig.daemon.control,
+        &format!(r#"{{"cmd":"re-add","leg":{i}}}"#),
+    );
+    if r["ok"] != true {
+        let state = rig.daemon.leg_state(i);
+        assert_ne!(state, "failed", "re-add {i} refused: {r}");
+        eprintln!("re-add {i}: {r} (leg already {state})");
+    }
+}
+
 /// Size of the test legs.
 pub const DISK: u64 = 64 << 20;
 
