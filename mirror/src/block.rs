@@ -1077,12 +1077,14 @@ impl<C: Send + 'static> Inner<C> {
             };
             e.outstanding &= !bit(leg);
             e.waiting &= !bit(leg);
-            if e.outstanding != 0 {
-                // A first answer that is itself past the timeout ends a stall all the legs
-                // shared (a paused host, a congested fabric). The others get their timeout
-                // from here: judged from when the request went out, whichever leg resumed a
-                // moment later would count as late against one that answered just before,
-                // and be ejected for the common stall.
+            // A first answer that is itself past the timeout ends a stall all the legs shared
+            // (a paused host, a congested fabric). The others get their timeout from here:
+            // judged from when the request went out, whichever leg resumed a moment later
+            // would count as late against one that answered just before, and be ejected for
+            // the common stall. The watchdog has marked legs kept late by then (it looks four
+            // times per timeout); only then is the clock read, which would cost every mirrored
+            // write 1.5 % more instructions (null legs).
+            if e.outstanding != 0 && self.late_kept.load(Ordering::Relaxed) != 0 {
                 let now = coarse_now();
                 if now.saturating_sub(e.sent_at) > self.timeout_of(e) {
                     e.sent_at = now;
