@@ -3,11 +3,15 @@
 //! address is the probe target. The test plays the frontend's receiver itself, so it decides
 //! when the paths are read.
 
+use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use mirror::{NetConfig, NetMirror, NetMode, NetStatus};
-use transport::net::PathSpec;
+use transport::net::{NetPath, PathSpec};
 
 const TARGET: &str = "10.77.0.1";
 
@@ -66,11 +70,69 @@ impl Server {
         self.port_state(p, 3);
     }
 
+    /// Sends a frame (an unknown EtherType, broadcast) to path `p` every 200 µs from its peer
+    /// port, past the bridge, until dropped: a segment that never goes quiet. The frames
+    /// carry no probe answer.
+    fn flood(&self, p: &str) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ns, port) = (
+            format!("/run/netns/{}s", self.tag),
+            format!("{}{p}p", self.tag),
+        );
+        let halt = Arc::clone(&stop);
+        let thread = std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).unwrap();
+            // SAFETY: setns(2) moves only this thread, which exits when the flood ends, into
+            // the network namespace of a descriptor it holds open.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            let out = NetPath::open(&format!("packet:{port}").parse().unwrap()).unwrap();
+            let mut frame = [0u8; 60];
+            frame[..6].fill(0xff);
+            frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
+            frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+            let mut sent = 0u64;
+            while !halt.load(Ordering::Relaxed) {
+                if out.send(&frame).is_ok() {
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            sent
+        });
+        Flood {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
     fn port_state(&self, p: &str, state: u8) {
         let t = &self.tag;
         sh(&format!(
             "ip netns exec {t}s bridge link set dev {t}{p}p state {state}"
         ));
+    }
+}
+
+/// A running [`Server::flood`].
+struct Flood {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<u64>>,
+}
+
+impl Flood {
+    /// Stops the flood; says how many frames it sent.
+    fn end(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -216,6 +278,60 @@ fn a_path_read_first_takes_no_traffic_from_one_read_later() {
     assert_eq!(
         (st.failovers, states(&st)[0].0, states(&st)[1].0),
         (0, "up", "up"),
+        "{:?}",
+        states(&st)
+    );
+}
+
+/// A busy segment never goes quiet: frames keep arriving on path A while its probes go
+/// unanswered. The path is judged as of the last time its receiver read it empty, so the
+/// silence is seen while the receiver keeps up, though frames nearly always wait.
+#[test]
+fn a_silent_path_is_judged_while_other_frames_keep_coming() {
+    let server = Server::build("pb");
+    let m = open(&server);
+    receive_for(&m, Duration::from_millis(600));
+    let st = m.status();
+    assert!(
+        st.paths
+            .iter()
+            .all(|p| p.state == "up" && p.probe_answers > 0),
+        "{:?}",
+        states(&st)
+    );
+    let before = st.paths[0].received;
+    let flood = server.flood("a");
+    server.silence("a");
+    // A receiver that keeps up, reading every 20 ms (frames come every 200 µs).
+    let t0 = Instant::now();
+    while m.status().failovers == 0 {
+        assert!(
+            // About 470 ms here; the check that waits for an empty queue took seconds or
+            // never came.
+            t0.elapsed() < Duration::from_secs(3),
+            "silence on path A not seen under a flood: {:?}",
+            states(&m.status())
+        );
+        for p in 0..2 {
+            m.poll(p, &mut |_| {});
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let judged = t0.elapsed();
+    let sent = flood.end();
+    let st = m.status();
+    let received = st.paths[0].received - before;
+    eprintln!(
+        "silence on A judged after {judged:?} under a flood: {sent} frames sent, {received} \
+         received on A"
+    );
+    assert!(
+        received > 200,
+        "the flood did not reach path A: {received} frames"
+    );
+    assert_eq!(
+        (st.paths[0].state, st.paths[0].active, st.paths[1].active),
+        ("no-answer", false, true),
         "{:?}",
         states(&st)
     );

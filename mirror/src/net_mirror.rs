@@ -165,6 +165,9 @@ struct Slot {
     probe_ok: AtomicBool,
     /// When the far side last answered a probe on this path (ms since the mirror opened).
     last_answer_ms: AtomicU64,
+    /// When a receiver last read this path empty (ms since the mirror opened, 0 for never):
+    /// every answer that came before then has been seen.
+    drained_ms: AtomicU64,
     c: PathCounters,
 }
 
@@ -281,6 +284,7 @@ impl NetMirror {
                 // A path is given the first probe rounds before it can be judged.
                 probe_ok: AtomicBool::new(true),
                 last_answer_ms: AtomicU64::new(0),
+                drained_ms: AtomicU64::new(0),
                 c: PathCounters::default(),
             });
         }
@@ -382,7 +386,11 @@ impl NetMirror {
             };
             let n = match got {
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    let ms = inner.opened.elapsed().as_millis() as u64;
+                    slot.drained_ms.store(ms.max(1), Ordering::Relaxed);
+                    return;
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("path {path}: receive failed: {e}");
@@ -577,17 +585,22 @@ impl Inner {
         for (i, s) in self.slots.iter().enumerate() {
             s.link.store(s.path.link_up(), Ordering::Relaxed);
             if self.cfg.probe.is_some() {
-                let answered = |last: u64| last > 0 && now_ms.saturating_sub(last) <= window;
-                // Until the first window has passed a path is not judged.
-                let mut ok = now_ms < window || answered(s.last_answer_ms.load(Ordering::Relaxed));
+                let mut ok = heard(now_ms, s.last_answer_ms.load(Ordering::Relaxed), window);
                 if !ok && s.probe_ok.load(Ordering::Relaxed) {
-                    // Before a path is judged down for silence, everything it received must
-                    // have been read. The receiver runs on the frontend's worker, which may be
-                    // late (a host starved of CPU) or absent (no frontend yet): answers queued
-                    // behind it are no silence, and judging then would fail over to whichever
-                    // path happened to be read first.
+                    // A path is judged down for silence only on what was read. The receiver
+                    // runs on the frontend's worker, which may be late (a host starved of CPU)
+                    // or absent (no frontend yet): answers queued behind it are no silence,
+                    // and judging then would fail over to whichever path happened to be read
+                    // first. With frames waiting the judgement is made as of the last time the
+                    // path was read empty; a path that never goes quiet (a busy segment) is
+                    // still judged, as long as its receiver keeps up.
                     let _reading = self.quiet_receiver();
-                    ok = s.path.has_pending() || answered(s.last_answer_ms.load(Ordering::Relaxed));
+                    let seen_until = if s.path.has_pending() {
+                        s.drained_ms.load(Ordering::Relaxed)
+                    } else {
+                        now_ms
+                    };
+                    ok = heard(seen_until, s.last_answer_ms.load(Ordering::Relaxed), window);
                 }
                 if s.probe_ok.swap(ok, Ordering::Relaxed) != ok {
                     if ok {
@@ -607,7 +620,7 @@ impl Inner {
         let other = 1 - active;
         if !self.slots[active].usable()
             && self.slots[other].usable()
-            && !self.silent_but_unread(active)
+            && !self.silent_but_unread(active, now_ms)
         {
             self.active.store(other, Ordering::Relaxed);
             self.failovers.fetch_add(1, Ordering::Relaxed);
@@ -621,11 +634,13 @@ impl Inner {
         self.rxbuf.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Whether path `i` is down only for want of probe answers while frames wait unread on
-    /// it. The other path being up may then only mean it was read first (both judged while
-    /// nobody read, then one receiver catching up before the other); traffic stays until the
-    /// silent path's frames have been read.
-    fn silent_but_unread(&self, i: usize) -> bool {
+    /// Whether path `i` is down only for want of probe answers while frames wait on it that
+    /// its receiver is behind on (it has not read the path empty for a probe interval). The
+    /// other path being up may then only mean it was read first (both judged while nobody
+    /// read, then one receiver catching up before the other); traffic stays until the silent
+    /// path's frames have been read. A receiver that keeps up with a busy path does not hold
+    /// the failover back.
+    fn silent_but_unread(&self, i: usize, now_ms: u64) -> bool {
         let s = &self.slots[i];
         if !s.link.load(Ordering::Relaxed)
             || s.forced_down.load(Ordering::Relaxed)
@@ -634,7 +649,9 @@ impl Inner {
             return false;
         }
         let _reading = self.quiet_receiver();
-        s.path.has_pending()
+        let behind = now_ms.saturating_sub(s.drained_ms.load(Ordering::Relaxed))
+            > self.cfg.probe_interval.as_millis() as u64;
+        behind && s.path.has_pending()
     }
 
     /// Tells the new path's network where the guest's addresses live now.
@@ -657,6 +674,12 @@ impl Inner {
             fmt_mac(mac)
         );
     }
+}
+
+/// Whether a path whose last probe answer came at `last` (0 for never) counts as answering at
+/// `at` (ms since the mirror opened). Until the first window has passed no path is judged.
+fn heard(at: u64, last: u64, window: u64) -> bool {
+    at < window || (last > 0 && at.saturating_sub(last) <= window)
 }
 
 /// Largest packet (header and frame) the mirror moves.
