@@ -18,7 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, TryLockError, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -211,6 +211,8 @@ pub struct PathStatus {
     pub delivered: u64,
     pub dropped_inactive: u64,
     pub dropped_down: u64,
+    /// Frames too large for the path (from the guest) or for the receive buffer (from the
+    /// path).
     pub oversize: u64,
     /// Answers to ARP probes (with `--probe`).
     pub probe_answers: u64,
@@ -388,10 +390,18 @@ impl NetMirror {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     let ms = inner.opened.elapsed().as_millis() as u64;
-                    slot.drained_ms.store(ms.max(1), Ordering::Relaxed);
+                    // Release: the answers noted in this pass are seen with it.
+                    slot.drained_ms.store(ms.max(1), Ordering::Release);
                     return;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                    // A frame too large for the buffer, already off the queue: counted, and
+                    // the path read on, so a stream of them cannot keep it from being read
+                    // empty.
+                    slot.c.oversize.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 Err(e) => {
                     warn!("path {path}: receive failed: {e}");
                     return;
@@ -594,13 +604,8 @@ impl Inner {
                     // first. With frames waiting the judgement is made as of the last time the
                     // path was read empty; a path that never goes quiet (a busy segment) is
                     // still judged, as long as its receiver keeps up.
-                    let _reading = self.quiet_receiver();
-                    let seen_until = if s.path.has_pending() {
-                        s.drained_ms.load(Ordering::Relaxed)
-                    } else {
-                        now_ms
-                    };
-                    ok = heard(seen_until, s.last_answer_ms.load(Ordering::Relaxed), window);
+                    let seen = self.seen_until(s, now_ms);
+                    ok = heard(seen, s.last_answer_ms.load(Ordering::Relaxed), window);
                 }
                 if s.probe_ok.swap(ok, Ordering::Relaxed) != ok {
                     if ok {
@@ -618,24 +623,44 @@ impl Inner {
         }
         let active = self.active.load(Ordering::Relaxed);
         let other = 1 - active;
+        // Compare-and-swap: an operator's drill evaluates too, on the control thread, and one
+        // failover is counted and announced once.
         if !self.slots[active].usable()
             && self.slots[other].usable()
             && !self.silent_but_unread(active, now_ms)
+            && self
+                .active
+                .compare_exchange(active, other, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
         {
-            self.active.store(other, Ordering::Relaxed);
             self.failovers.fetch_add(1, Ordering::Relaxed);
             warn!("path {active} is down: traffic moves to path {other}");
             self.announce(other);
         }
     }
 
-    /// Holds the receive buffer: no receiver is then between reading a frame and noting it.
-    fn quiet_receiver(&self) -> MutexGuard<'_, Vec<u8>> {
-        self.rxbuf.lock().unwrap_or_else(|p| p.into_inner())
+    /// Up to when everything path `s` received has been read (ms since the mirror opened):
+    /// now when nothing waits on it, otherwise the last time its receiver read it empty. A
+    /// receiver in the middle of a read (it holds the buffer) may have taken an answer it has
+    /// not noted yet, so then too only its last empty read counts; the monitor never waits for
+    /// it (a receiver under a flood of frames may not let go for long).
+    fn seen_until(&self, s: &Slot, now_ms: u64) -> u64 {
+        // Acquire: with the time, the answers noted before it.
+        let drained = s.drained_ms.load(Ordering::Acquire);
+        let idle = match self.rxbuf.try_lock() {
+            Ok(g) => Some(g),
+            Err(TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if idle.is_some() && !s.path.has_pending() {
+            now_ms
+        } else {
+            drained
+        }
     }
 
-    /// Whether path `i` is down only for want of probe answers while frames wait on it that
-    /// its receiver is behind on (it has not read the path empty for a probe interval). The
+    /// Whether path `i` is down only for want of probe answers while its receiver is behind on
+    /// it (frames wait, and it has not read the path empty for a probe interval). The
     /// other path being up may then only mean it was read first (both judged while nobody
     /// read, then one receiver catching up before the other); traffic stays until the silent
     /// path's frames have been read. A receiver that keeps up with a busy path does not hold
@@ -648,10 +673,8 @@ impl Inner {
         {
             return false;
         }
-        let _reading = self.quiet_receiver();
-        let behind = now_ms.saturating_sub(s.drained_ms.load(Ordering::Relaxed))
-            > self.cfg.probe_interval.as_millis() as u64;
-        behind && s.path.has_pending()
+        now_ms.saturating_sub(self.seen_until(s, now_ms))
+            > self.cfg.probe_interval.as_millis() as u64
     }
 
     /// Tells the new path's network where the guest's addresses live now.
