@@ -1077,14 +1077,19 @@ impl<C: Send + 'static> Inner<C> {
             };
             e.outstanding &= !bit(leg);
             e.waiting &= !bit(leg);
-            // A first answer that is itself past the timeout ends a stall all the legs shared
+            // A first answer that is itself past the timeout (a success: an abort or an
+            // error says nothing of the stall) ends a stall all the legs shared
             // (a paused host, a congested fabric). The others get their timeout from here:
             // judged from when the request went out, whichever leg resumed a moment later
             // would count as late against one that answered just before, and be ejected for
             // the common stall. The watchdog has marked legs kept late by then (it looks four
             // times per timeout); only then is the clock read, which would cost every mirrored
             // write 1.5 % more instructions (null legs).
-            if e.outstanding != 0 && self.late_kept.load(Ordering::Relaxed) != 0 {
+            if result.is_ok()
+                && !stale_conn
+                && e.outstanding != 0
+                && self.late_kept.load(Ordering::Relaxed) != 0
+            {
                 let now = coarse_now();
                 if now.saturating_sub(e.sent_at) > self.timeout_of(e) {
                     e.sent_at = now;
@@ -1340,7 +1345,6 @@ impl<C: Send + 'static> Inner<C> {
         self.run_after(&mut after);
     }
 
-    /// Ejects legs that died on their own or sit on a request past the timeout.
     /// How long a leg may hold `e` before it is late.
     fn timeout_of(&self, e: &Entry<C>) -> Duration {
         if e.waits_for_write_back() {
@@ -1350,6 +1354,7 @@ impl<C: Send + 'static> Inner<C> {
         }
     }
 
+    /// Ejects legs that died on their own or sit on a request past the timeout.
     fn check_legs(&self) {
         let timeout = self.cfg.io_timeout;
         let slow_timeout = self.cfg.flush_timeout.max(timeout);
