@@ -206,8 +206,8 @@ pub struct Report {
     pub name: String,
     pub writes_acknowledged: u64,
     pub guest_io_errors: u64,
-    /// Longest wait for a completion while requests were in flight, less the runner's own
-    /// work in that time (firing events, polling the daemon).
+    /// Longest wait for a completion while requests were in flight, less the time the runner
+    /// spent firing an event while completions waited for it to look.
     pub longest_stall_ms: f64,
     pub blocks_verified: u64,
     pub blocks_wrong: u64,
@@ -429,20 +429,25 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
     let mut watching: Vec<(usize, usize, Instant)> = Vec::new();
     let mut max_gap = Duration::ZERO;
     let mut last = Instant::now();
+    // The runner's own time since the last completion (see the loop).
+    let mut own_work = Duration::ZERO;
     let start = Instant::now();
     let mut last_poll = Instant::now();
     println!("scenario '{}': {}", sc.name, sc.description);
     loop {
         let t = start.elapsed();
-        // The runner's own work below (restarting a server waits for its socket, a status
-        // poll waits for the daemon) keeps it from reaping; that time is no stall of the
-        // daemon's, so it does not count in the gaps between completions.
-        let own_work = Instant::now();
+        // Firing an event (a restart waits for the new server's socket) keeps the runner from
+        // reaping. When completions wait once it is done, that time was the runner's, not a
+        // stall of the daemon's, and it does not count in the gap before them; when none
+        // wait, I/O was stalled anyway and it counts.
+        let fired_from = Instant::now();
+        let mut fired = false;
         for (e, done) in events
             .iter_mut()
             .filter(|(e, d)| !*d && t.as_secs_f64() >= e.at)
         {
             *done = true;
+            fired = true;
             let leg = &mut legs[e.leg];
             let fault = matches!(e.action.as_str(), "kill" | "stop" | "error-on" | "fail-leg");
             match e.action.as_str() {
@@ -474,6 +479,9 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
                 detected_after: None,
             });
         }
+        if fired {
+            own_work += fired_from.elapsed();
+        }
         if !watching.is_empty() && last_poll.elapsed() >= Duration::from_millis(10) {
             last_poll = Instant::now();
             if let Some(st) = control(&ctl, json!({"cmd": "status"})) {
@@ -492,7 +500,6 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
                 });
             }
         }
-        last += own_work.elapsed();
         let running = t < Duration::from_secs_f64(sc.workload.seconds);
         let mut inflight = slots.iter().filter(|s| s.is_some()).count();
         if running {
@@ -527,8 +534,13 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
             std::thread::sleep(Duration::from_millis(20));
             continue;
         }
-        // Wake at least every 20 ms to fire events and poll the daemon, but never spin.
-        let mut timeout = Duration::from_millis(20);
+        // Wake at least every 20 ms to fire events and poll the daemon, but never spin. Right
+        // after an event only what already waits counts as having waited on the runner.
+        let mut timeout = if own_work.is_zero() {
+            Duration::from_millis(20)
+        } else {
+            Duration::ZERO
+        };
         let n = match q.do_io(&mut comps, 1, Some(&mut timeout), None) {
             Ok(n) => n,
             Err(e) if e.errno() == blkio::Errno::TIME => 0,
@@ -538,7 +550,8 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
             // SAFETY: do_io initialised the first n completions.
             let c = unsafe { c.assume_init_ref() };
             let now = Instant::now();
-            max_gap = max_gap.max(now - last);
+            max_gap = max_gap.max((now - last).saturating_sub(own_work));
+            own_work = Duration::ZERO;
             last = now;
             let Some((block, s)) = slots.get_mut(c.user_data).and_then(Option::take) else {
                 continue;
@@ -553,6 +566,9 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
         }
         if n == 0 && inflight > 0 {
             max_gap = max_gap.max(last.elapsed());
+        }
+        if n == 0 {
+            own_work = Duration::ZERO;
         }
     }
     println!(
