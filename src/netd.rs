@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use backends::net::{self as netdev, NetStats};
 use log::{info, warn};
-use mirror::{NetConfig, NetMirror, NetMode};
+use mirror::{NetConfig, NetMirror, NetMode, POLL_BUDGET};
 use serde_json::{json, Value};
 use transport::net::{NetPath, PathSpec, MAX_FRAME, VNET_HDR_LEN};
 
@@ -152,7 +152,8 @@ pub fn run_gateway(args: &GatewayArgs) -> Result<(), String> {
             }
         }
         if ready[2] {
-            loop {
+            // In turns with the paths, as they are read (`poll` is level-triggered).
+            for _ in 0..POLL_BUDGET {
                 match tap.recv(&mut buf[VNET_HDR_LEN..]) {
                     Ok(n) => engine.transmit(&buf[..VNET_HDR_LEN + n]),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,

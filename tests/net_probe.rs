@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mirror::{NetConfig, NetMirror, NetMode, NetStatus};
+use mirror::{NetConfig, NetMirror, NetMode, NetStatus, POLL_BUDGET};
 use transport::net::{NetPath, PathSpec};
 
 const TARGET: &str = "10.77.0.1";
@@ -165,11 +165,15 @@ fn states(st: &NetStatus) -> Vec<(&'static str, bool, u64)> {
 fn receive_for(m: &NetMirror, d: Duration) {
     let t0 = Instant::now();
     while t0.elapsed() < d {
-        for p in 0..2 {
-            m.poll(p, &mut |_| {});
-        }
+        read_empty(m, 0);
+        read_empty(m, 1);
         std::thread::sleep(Duration::from_millis(5));
     }
+}
+
+/// Reads path `p` until it is empty, a turn at a time, as a level-triggered worker does.
+fn read_empty(m: &NetMirror, p: usize) {
+    while m.poll(p, &mut |_| {}) {}
 }
 
 /// Answers that wait unread are no silence: while nobody reads the paths (no frontend yet, or
@@ -193,7 +197,7 @@ fn unread_answers_are_no_silence() {
     // Path B's receiver catches up first; A's answers still wait. Several monitor ticks.
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_millis(400) {
-        m.poll(1, &mut |_| {});
+        read_empty(&m, 1);
         std::thread::sleep(Duration::from_millis(5));
     }
     let st = m.status();
@@ -262,7 +266,7 @@ fn a_path_read_first_takes_no_traffic_from_one_read_later() {
     std::thread::sleep(Duration::from_millis(500));
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_millis(400) {
-        m.poll(1, &mut |_| {});
+        read_empty(&m, 1);
         std::thread::sleep(Duration::from_millis(5));
     }
     let st = m.status();
@@ -312,9 +316,8 @@ fn a_silent_path_is_judged_while_other_frames_keep_coming() {
             "silence on path A not seen under a flood: {:?}",
             states(&m.status())
         );
-        for p in 0..2 {
-            m.poll(p, &mut |_| {});
-        }
+        read_empty(&m, 0);
+        read_empty(&m, 1);
         std::thread::sleep(Duration::from_millis(20));
     }
     let judged = t0.elapsed();
@@ -335,4 +338,32 @@ fn a_silent_path_is_judged_while_other_frames_keep_coming() {
         "{:?}",
         states(&st)
     );
+}
+
+/// A flooded path is read in turns: one `poll` takes at most `POLL_BUDGET` frames and says
+/// more may wait, so a frontend's worker gets back to the guest's transmissions and the other
+/// path between turns; the frames left are read in the next turns.
+#[test]
+fn a_flooded_path_is_read_in_turns() {
+    let server = Server::build("pf");
+    let m = open(&server);
+    receive_for(&m, Duration::from_millis(300));
+    // Frames pile up on path A with nobody reading.
+    let flood = server.flood("a");
+    std::thread::sleep(Duration::from_millis(300));
+    let sent = flood.end();
+    let before = m.status().paths[0].received;
+    let more = m.poll(0, &mut |_| {});
+    let first = m.status().paths[0].received - before;
+    assert!(more, "one turn read path A empty: {first} of {sent} frames");
+    assert_eq!(first, POLL_BUDGET as u64, "frames read in one turn");
+    let mut turns = 1;
+    while m.poll(0, &mut |_| {}) {
+        turns += 1;
+        assert!(turns < 1000, "path A never read empty");
+    }
+    let total = m.status().paths[0].received - before;
+    eprintln!("{sent} frames flooded, {total} read in {} turns", turns + 1);
+    assert!(total > POLL_BUDGET as u64, "{total} frames read");
+    assert!(!m.poll(0, &mut |_| {}), "path A is empty");
 }

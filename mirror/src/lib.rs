@@ -14,5 +14,7 @@ pub use block::{
     BlockMirror, IoStatus, KeepAlive, LegState, LegStatus, MirrorConfig, MirrorError, MirrorInfo,
     MirrorStatus, ReadPolicy, DEFAULT_FLUSH_TIMEOUT, DEFAULT_RESYNC_BUSY_RATE, MAX_LEGS,
 };
-pub use net_mirror::{NetConfig, NetMirror, NetMirrorError, NetMode, NetStatus, PathStatus};
+pub use net_mirror::{
+    NetConfig, NetMirror, NetMirrorError, NetMode, NetStatus, PathStatus, POLL_BUDGET,
+};
 pub use sync::{create, Created, ResyncStatus};

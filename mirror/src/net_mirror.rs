@@ -364,19 +364,22 @@ impl NetMirror {
         }
     }
 
-    /// Reads every frame waiting on path `path` and hands those for the guest to `deliver`,
-    /// each as a virtio-net packet (header, then frame).
-    pub fn poll(&self, path: usize, deliver: &mut dyn FnMut(&[u8])) {
+    /// Reads up to [`POLL_BUDGET`] frames waiting on path `path` and hands those for the
+    /// guest to `deliver`, each as a virtio-net packet (header, then frame). Says whether the
+    /// budget ran out first: frames may then still wait, the path's descriptor stays
+    /// readable, and the caller comes back after its other work (a flood on one path must
+    /// not starve the guest's transmissions or the other path).
+    pub fn poll(&self, path: usize, deliver: &mut dyn FnMut(&[u8])) -> bool {
         let inner = &self.inner;
         let Some(slot) = inner.slots.get(path) else {
-            return;
+            return false;
         };
         let mut buf = match inner.rxbuf.lock() {
             Ok(b) => b,
             Err(p) => p.into_inner(),
         };
         let vnet = slot.path.vnet_hdr();
-        loop {
+        for _ in 0..POLL_BUDGET {
             // A path without headers reads behind a zero one, so every packet has the same shape.
             let got = if vnet {
                 slot.path.recv(&mut buf)
@@ -392,7 +395,7 @@ impl NetMirror {
                     let ms = inner.opened.elapsed().as_millis() as u64;
                     // Release: the answers noted in this pass are seen with it.
                     slot.drained_ms.store(ms.max(1), Ordering::Release);
-                    return;
+                    return false;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
@@ -404,7 +407,7 @@ impl NetMirror {
                 }
                 Err(e) => {
                     warn!("path {path}: receive failed: {e}");
-                    return;
+                    return false;
                 }
             };
             slot.c.received.fetch_add(1, Ordering::Relaxed);
@@ -457,6 +460,7 @@ impl NetMirror {
                 }
             }
         }
+        true
     }
 
     fn check(&self, path: usize) -> Result<&Slot, NetMirrorError> {
@@ -749,6 +753,9 @@ fn fmt_mac(m: [u8; 6]) -> String {
         m[0], m[1], m[2], m[3], m[4], m[5]
     )
 }
+
+/// Frames [`NetMirror::poll`] reads from a path per call, as a NIC driver's NAPI budget.
+pub const POLL_BUDGET: usize = 64;
 
 /// How often duplicate-discard state is aged.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(200);
