@@ -596,21 +596,22 @@ impl Inner {
         let window = (self.cfg.probe_interval * self.cfg.probe_misses.max(1)).as_millis() as u64
             // One interval more: an answer takes a moment to come back.
             + self.cfg.probe_interval.as_millis() as u64;
+        // Paths whose receiver is behind: it has not read them empty for a probe interval.
+        let mut behind = [false; 2];
         for (i, s) in self.slots.iter().enumerate() {
             s.link.store(s.path.link_up(), Ordering::Relaxed);
             if self.cfg.probe.is_some() {
-                let mut ok = heard(now_ms, s.last_answer_ms.load(Ordering::Relaxed), window);
-                if !ok && s.probe_ok.load(Ordering::Relaxed) {
-                    // A path is judged down for silence only on what was read. The receiver
-                    // runs on the frontend's worker, which may be late (a host starved of CPU)
-                    // or absent (no frontend yet): answers queued behind it are no silence,
-                    // and judging then would fail over to whichever path happened to be read
-                    // first. With frames waiting the judgement is made as of the last time the
-                    // path was read empty; a path that never goes quiet (a busy segment) is
-                    // still judged, as long as its receiver keeps up.
-                    let seen = self.seen_until(s, now_ms);
-                    ok = heard(seen, s.last_answer_ms.load(Ordering::Relaxed), window);
-                }
+                // A path is judged only on what was read. The receiver runs on the frontend's
+                // worker, which may be late (a host starved of CPU) or absent (no frontend
+                // yet): answers queued behind it are no silence, and judging then would fail
+                // over to whichever path happened to be read first. With frames waiting the
+                // judgement is made as of the last time the path was read empty, so a path
+                // that never goes quiet (a busy segment) is still judged while its receiver
+                // keeps up.
+                let seen = self.seen_until(s, now_ms);
+                behind[i] =
+                    now_ms.saturating_sub(seen) > self.cfg.probe_interval.as_millis() as u64;
+                let ok = heard(seen, s.last_answer_ms.load(Ordering::Relaxed), window);
                 if s.probe_ok.swap(ok, Ordering::Relaxed) != ok {
                     if ok {
                         info!("path {i}: the probe target answers again");
@@ -627,11 +628,18 @@ impl Inner {
         }
         let active = self.active.load(Ordering::Relaxed);
         let other = 1 - active;
+        let a = &self.slots[active];
+        // Down for silence alone while its receiver is behind: the other path being up may
+        // only mean it was read first (both judged while nobody read, then one receiver
+        // catching up before the other). Traffic stays until the frames have been read.
+        let unread_silence = behind[active]
+            && a.link.load(Ordering::Relaxed)
+            && !a.forced_down.load(Ordering::Relaxed);
         // Compare-and-swap: an operator's drill evaluates too, on the control thread, and one
         // failover is counted and announced once.
-        if !self.slots[active].usable()
+        if !a.usable()
             && self.slots[other].usable()
-            && !self.silent_but_unread(active, now_ms)
+            && !unread_silence
             && self
                 .active
                 .compare_exchange(active, other, Ordering::AcqRel, Ordering::Relaxed)
@@ -661,24 +669,6 @@ impl Inner {
         } else {
             drained
         }
-    }
-
-    /// Whether path `i` is down only for want of probe answers while its receiver is behind on
-    /// it (frames wait, and it has not read the path empty for a probe interval). The
-    /// other path being up may then only mean it was read first (both judged while nobody
-    /// read, then one receiver catching up before the other); traffic stays until the silent
-    /// path's frames have been read. A receiver that keeps up with a busy path does not hold
-    /// the failover back.
-    fn silent_but_unread(&self, i: usize, now_ms: u64) -> bool {
-        let s = &self.slots[i];
-        if !s.link.load(Ordering::Relaxed)
-            || s.forced_down.load(Ordering::Relaxed)
-            || s.probe_ok.load(Ordering::Relaxed)
-        {
-            return false;
-        }
-        now_ms.saturating_sub(self.seen_until(s, now_ms))
-            > self.cfg.probe_interval.as_millis() as u64
     }
 
     /// Tells the new path's network where the guest's addresses live now.
