@@ -13,6 +13,7 @@ pub mod net;
 pub mod null;
 pub mod spec;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,4 +83,16 @@ pub fn open(
             sink,
         ))),
     }
+}
+
+/// Whether `fd` becomes readable within `ms` milliseconds (0: whether it is now).
+pub(crate) fn readable(fd: RawFd, ms: libc::c_int) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, as the count says.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
 }

@@ -4140,13 +4140,7 @@ mod tests {
                 "only {} of {n} completions arrived",
                 out.len()
             );
-            let mut pfd = libc::pollfd {
-                fd: reaper.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            // SAFETY: one valid pollfd, as the count says.
-            unsafe { libc::poll(&mut pfd, 1, 20) };
+            crate::readable(reaper.fd(), 20);
         }
         out
     }

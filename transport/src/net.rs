@@ -485,14 +485,7 @@ impl NetPath {
     /// Whether a frame waits to be read. A receiver that fell behind (its thread not scheduled,
     /// or no frontend connected yet) leaves frames queued; what it has not read it cannot judge.
     pub fn has_pending(&self) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd, as the count says; a zero timeout never blocks.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n == 1 && pfd.revents & libc::POLLIN != 0
+        crate::readable(self.fd(), 0)
     }
 
     /// Whether the interface has carrier (the cable, the peer, the switch port are there).

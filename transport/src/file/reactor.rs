@@ -157,14 +157,8 @@ impl Reactor {
     /// Waits up to `limit` (at least a millisecond) for [`Reactor::fd`] to become readable, as
     /// an owner's event loop would; says whether it did.
     pub fn wait(&self, limit: Duration) -> bool {
-        let mut pfd = libc::pollfd {
-            fd: self.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         let ms = limit.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
-        // SAFETY: one valid pollfd, as the count says.
-        unsafe { libc::poll(&mut pfd, 1, ms) == 1 }
+        crate::readable(self.fd(), ms)
     }
 
     /// The ring's descriptor, so tests can break the ring from outside.
