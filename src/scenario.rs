@@ -440,14 +440,12 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
         // reaping. When completions wait once it is done, that time was the runner's, not a
         // stall of the daemon's, and it does not count in the gap before them; when none
         // wait, I/O was stalled anyway and it counts.
-        let fired_from = Instant::now();
-        let mut fired = false;
         for (e, done) in events
             .iter_mut()
             .filter(|(e, d)| !*d && t.as_secs_f64() >= e.at)
         {
             *done = true;
-            fired = true;
+            let fired_at = Instant::now();
             let leg = &mut legs[e.leg];
             let fault = matches!(e.action.as_str(), "kill" | "stop" | "error-on" | "fail-leg");
             match e.action.as_str() {
@@ -468,6 +466,7 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
                 }
                 _ => {}
             }
+            own_work += fired_at.elapsed();
             println!("{:6.2}s  {} leg {}", t.as_secs_f64(), e.action, e.leg);
             if fault {
                 watching.push((reports.len(), e.leg, Instant::now()));
@@ -478,9 +477,6 @@ pub fn run(sc: &Scenario, dir: &Path) -> Result<Report, ScenarioError> {
                 leg: e.leg,
                 detected_after: None,
             });
-        }
-        if fired {
-            own_work += fired_from.elapsed();
         }
         if !watching.is_empty() && last_poll.elapsed() >= Duration::from_millis(10) {
             last_poll = Instant::now();
