@@ -33,26 +33,6 @@ const GUEST_IP: &str = "10.78.0.2";
 const SERVER_IP: &str = "10.78.0.1";
 const BOOT_LIMIT: Duration = Duration::from_secs(120);
 
-fn sh(cmd: &str) -> String {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn sh_ok(cmd: &str) {
-    let _ = Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-}
-
 /// Why this machine cannot run the tests, if it cannot.
 fn unavailable() -> Option<String> {
     if std::env::var("VHM_SKIP_GUEST").as_deref() == Ok("1") {

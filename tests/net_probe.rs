@@ -3,8 +3,10 @@
 //! address is the probe target. The test plays the frontend's receiver itself, so it decides
 //! when the paths are read.
 
+mod common;
+use common::{sh, sh_ok};
+
 use std::os::fd::AsRawFd;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,19 +16,6 @@ use mirror::{NetConfig, NetMirror, NetMode, NetStatus, POLL_BUDGET};
 use transport::net::{NetPath, PathSpec};
 
 const TARGET: &str = "10.77.0.1";
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_ok(cmd: &str) {
-    let _ = Command::new("sh").arg("-c").arg(cmd).output();
-}
 
 /// Two veths from this namespace to bridge `fab` in namespace `{tag}s`, removed on drop.
 struct Server {
@@ -176,6 +165,66 @@ fn read_empty(m: &NetMirror, p: usize) {
     while m.poll(p, &mut |_| {}) {}
 }
 
+/// Reads path B alone for 400 ms (several monitor ticks), as a receiver that caught up on it
+/// before A; then traffic must still be on A.
+fn read_b_alone(m: &NetMirror) -> NetStatus {
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_millis(400) {
+        read_empty(m, 1);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let st = m.status();
+    assert_eq!(
+        (st.failovers, st.paths[0].active),
+        (0, true),
+        "traffic moved to the path that happened to be read first: {:?}",
+        states(&st)
+    );
+    st
+}
+
+/// Asserts that both paths are up and have answers.
+fn assert_both_answer(m: &NetMirror) -> NetStatus {
+    let st = m.status();
+    assert!(
+        st.paths
+            .iter()
+            .all(|p| p.state == "up" && p.probe_answers > 0),
+        "{:?}",
+        states(&st)
+    );
+    st
+}
+
+/// Reads both paths every 20 ms, a receiver that keeps up, until traffic leaves path A for
+/// its silence, within `limit`; how long that took.
+fn wait_for_failover(m: &NetMirror, limit: Duration, what: &str) -> Duration {
+    let t0 = Instant::now();
+    while m.status().failovers == 0 {
+        assert!(
+            t0.elapsed() < limit,
+            "silence on path A not seen{what}: {:?}",
+            states(&m.status())
+        );
+        read_empty(m, 0);
+        read_empty(m, 1);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let judged = t0.elapsed();
+    let st = m.status();
+    assert_eq!(
+        (st.paths[0].state, st.paths[0].active, st.paths[1].active),
+        ("no-answer", false, true),
+        "{:?}",
+        states(&st)
+    );
+    eprintln!(
+        "silence on A judged after {judged:?}{what}: {:?}",
+        states(&st)
+    );
+    judged
+}
+
 /// Answers that wait unread are no silence: while nobody reads the paths (no frontend yet, or
 /// its worker starved of CPU) neither is judged, and reading one before the other moves no
 /// traffic. Real silence is still seen once everything received has been read.
@@ -194,54 +243,16 @@ fn unread_answers_are_no_silence() {
         "paths judged while their answers waited unread: {:?}",
         states(&st)
     );
-    // Path B's receiver catches up first; A's answers still wait. Several monitor ticks.
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(400) {
-        read_empty(&m, 1);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let st = m.status();
+    // Path B's receiver catches up first; A's answers still wait.
+    let st = read_b_alone(&m);
     assert!(st.paths[1].probe_answers > 0, "{:?}", states(&st));
-    assert_eq!(
-        (st.failovers, st.paths[0].active),
-        (0, true),
-        "traffic moved to the path that happened to be read first: {:?}",
-        states(&st)
-    );
     receive_for(&m, Duration::from_millis(300));
-    let st = m.status();
-    assert!(
-        st.paths
-            .iter()
-            .all(|p| p.state == "up" && p.probe_answers > 0),
-        "{:?}",
-        states(&st)
-    );
+    assert_both_answer(&m);
 
     // A real cut beyond the first hop, with the receiver keeping up: A is judged within a few
     // windows and traffic moves to B.
     server.silence("a");
-    let t0 = Instant::now();
-    while m.status().failovers == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(5),
-            "silence on path A not seen: {:?}",
-            states(&m.status())
-        );
-        receive_for(&m, Duration::from_millis(50));
-    }
-    let st = m.status();
-    assert_eq!(
-        (st.paths[0].state, st.paths[0].active, st.paths[1].active),
-        ("no-answer", false, true),
-        "{:?}",
-        states(&st)
-    );
-    eprintln!(
-        "silence on A judged after {:?}: {:?}",
-        t0.elapsed(),
-        states(&st)
-    );
+    wait_for_failover(&m, Duration::from_secs(5), "");
 }
 
 /// Both paths judged silent (the server was not there yet), then the server answers while
@@ -264,19 +275,8 @@ fn a_path_read_first_takes_no_traffic_from_one_read_later() {
     server.speak("b");
     // Answers queue on both paths with nobody reading; then only B's receiver catches up.
     std::thread::sleep(Duration::from_millis(500));
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_millis(400) {
-        read_empty(&m, 1);
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let st = m.status();
+    let st = read_b_alone(&m);
     assert_eq!(st.paths[1].state, "up", "{:?}", states(&st));
-    assert_eq!(
-        (st.failovers, st.paths[0].active),
-        (0, true),
-        "traffic moved to the path that happened to be read first: {:?}",
-        states(&st)
-    );
     receive_for(&m, Duration::from_millis(300));
     let st = m.status();
     assert_eq!(
@@ -295,48 +295,18 @@ fn a_silent_path_is_judged_while_other_frames_keep_coming() {
     let server = Server::build("pb");
     let m = open(&server);
     receive_for(&m, Duration::from_millis(600));
-    let st = m.status();
-    assert!(
-        st.paths
-            .iter()
-            .all(|p| p.state == "up" && p.probe_answers > 0),
-        "{:?}",
-        states(&st)
-    );
+    let st = assert_both_answer(&m);
     let before = st.paths[0].received;
     let flood = server.flood("a");
     server.silence("a");
-    // A receiver that keeps up, reading every 20 ms (frames come every 200 µs).
-    let t0 = Instant::now();
-    while m.status().failovers == 0 {
-        assert!(
-            // About 470 ms here; the check that waits for an empty queue took seconds or
-            // never came.
-            t0.elapsed() < Duration::from_secs(3),
-            "silence on path A not seen under a flood: {:?}",
-            states(&m.status())
-        );
-        read_empty(&m, 0);
-        read_empty(&m, 1);
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let judged = t0.elapsed();
+    // About 470 ms here; the check that waited for an empty queue took seconds or never came.
+    wait_for_failover(&m, Duration::from_secs(3), " under a flood");
     let sent = flood.end();
-    let st = m.status();
-    let received = st.paths[0].received - before;
-    eprintln!(
-        "silence on A judged after {judged:?} under a flood: {sent} frames sent, {received} \
-         received on A"
-    );
+    let received = m.status().paths[0].received - before;
+    eprintln!("flood: {sent} frames sent, {received} received on A");
     assert!(
         received > 200,
         "the flood did not reach path A: {received} frames"
-    );
-    assert_eq!(
-        (st.paths[0].state, st.paths[0].active, st.paths[1].active),
-        ("no-answer", false, true),
-        "{:?}",
-        states(&st)
     );
 }
 

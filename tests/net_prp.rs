@@ -9,19 +9,6 @@ use common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn sh(cmd: &str) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
-    assert!(
-        out.status.success(),
-        "`{cmd}` failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn sh_ok(cmd: &str) {
-    let _ = Command::new("sh").arg("-c").arg(cmd).output();
-}
-
 /// Bridges, veths and namespaces, removed on drop.
 struct Fabric {
     tag: String,

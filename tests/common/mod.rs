@@ -79,6 +79,28 @@ fn all_threads_stopped(pid: u32) -> bool {
     })
 }
 
+/// Runs `cmd` with `sh -c`, which must succeed; its standard output.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `cmd` with `sh -c`, whatever comes of it (clean-ups).
+pub fn sh_ok(cmd: &str) {
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
 /// A sparse image file of `size` bytes.
 pub fn image(path: &Path, size: u64) {
     let f = std::fs::File::create(path).unwrap();
