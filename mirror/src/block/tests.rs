@@ -121,6 +121,20 @@ fn rig_timeouts(sizes: &[u64], timeout_ms: u64, flush: Duration) -> Result<Rig, 
     Ok(Rig { mirror, legs, done })
 }
 
+/// Leg `leg` answers the request it holds, successfully.
+fn answer_held(r: &Rig, leg: usize) {
+    let tag = r.legs[leg].held.lock().unwrap().pop().unwrap();
+    r.legs[leg].sink.complete(tag, Ok(()));
+}
+
+/// Both legs hold a write (context `ctx`) for `ms`.
+fn stall_both(r: &Rig, buf: &mut [u8], ctx: u32, ms: u64) {
+    r.legs[0].set(Mode::Hold);
+    r.legs[1].set(Mode::Hold);
+    r.mirror.submit(write_op(buf), None, ctx);
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
 fn rig(timeout_ms: u64) -> Rig {
     rig_sized(&[1 << 20, 1 << 20], timeout_ms).unwrap()
 }
@@ -156,8 +170,7 @@ fn write_completes_only_when_every_leg_has_it() {
     r.legs[1].set(Mode::Hold);
     r.mirror.submit(write_op(&mut buf), None, 1);
     assert!(r.done.recv_timeout(Duration::from_millis(100)).is_err());
-    let tag = r.legs[1].held.lock().unwrap().pop().unwrap();
-    r.legs[1].sink.complete(tag, Ok(()));
+    answer_held(&r, 1);
     assert_eq!(wait(&r), (1, IoStatus::Ok));
     assert_eq!(*r.legs[0].seen.lock().unwrap(), ["write"]);
     assert_eq!(*r.legs[1].seen.lock().unwrap(), ["write"]);
@@ -298,10 +311,7 @@ fn flush_discard_and_write_zeroes_get_the_flush_timeout() {
 fn legs_late_together_are_kept_until_one_keeps_up() {
     let r = rig(100);
     let mut buf = vec![1u8; 512];
-    r.legs[0].set(Mode::Hold);
-    r.legs[1].set(Mode::Hold);
-    r.mirror.submit(write_op(&mut buf), None, 4);
-    std::thread::sleep(Duration::from_millis(600));
+    stall_both(&r, &mut buf, 4, 600);
     let st = r.mirror.status();
     assert_eq!(
         [st.legs[0].state, st.legs[1].state],
@@ -309,8 +319,7 @@ fn legs_late_together_are_kept_until_one_keeps_up() {
         "both kept while both are late"
     );
     assert!(r.done.try_recv().is_err(), "the write waits for its legs");
-    let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
-    r.legs[0].sink.complete(tag, Ok(()));
+    answer_held(&r, 0);
     // Leg 0 answered; leg 1 alone is late a timeout after that answer and goes.
     assert_eq!(wait(&r), (4, IoStatus::Ok));
     let st = r.mirror.status();
@@ -325,13 +334,9 @@ fn the_leg_that_resumes_second_from_a_shared_stall_is_kept() {
     // Watchdog looks every 250 ms.
     let r = rig(1000);
     let mut buf = vec![1u8; 512];
-    r.legs[0].set(Mode::Hold);
-    r.legs[1].set(Mode::Hold);
-    r.mirror.submit(write_op(&mut buf), None, 6);
     // Two watchdog looks past the timeout (1250 and 1500 ms) see both legs late and keep them.
-    std::thread::sleep(Duration::from_millis(1600));
-    let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
-    r.legs[0].sink.complete(tag, Ok(()));
+    stall_both(&r, &mut buf, 6, 1600);
+    answer_held(&r, 0);
     // Longer than a watchdog look, well inside the timeout counted from leg 0's answer.
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(
@@ -340,8 +345,7 @@ fn the_leg_that_resumes_second_from_a_shared_stall_is_kept() {
         "leg 1 ejected {:?} after leg 0 resumed from the same stall",
         Duration::from_millis(400)
     );
-    let tag = r.legs[1].held.lock().unwrap().pop().unwrap();
-    r.legs[1].sink.complete(tag, Ok(()));
+    answer_held(&r, 1);
     assert_eq!(wait(&r), (6, IoStatus::Ok));
     let st = r.mirror.status();
     assert_eq!(
@@ -364,8 +368,7 @@ fn the_last_up_to_date_leg_is_not_ejected_for_a_timeout() {
         r.done.try_recv().is_err(),
         "the write waits for the kept leg"
     );
-    let tag = r.legs[0].held.lock().unwrap().pop().unwrap();
-    r.legs[0].sink.complete(tag, Ok(()));
+    answer_held(&r, 0);
     assert_eq!(wait(&r), (5, IoStatus::Ok));
     assert_eq!(r.mirror.status().legs[0].state, LegState::UpToDate);
 }
@@ -495,8 +498,7 @@ fn a_write_one_leg_took_ejects_the_leg_that_failed_it_even_when_it_answered_firs
     // Leg 0 failed; the verdict waits for leg 1.
     assert!(r.done.recv_timeout(Duration::from_millis(50)).is_err());
     assert_eq!(r.mirror.status().legs[0].state, LegState::UpToDate);
-    let tag = r.legs[1].held.lock().unwrap().pop().unwrap();
-    r.legs[1].sink.complete(tag, Ok(()));
+    answer_held(&r, 1);
     assert_eq!(wait(&r), (1, IoStatus::Ok));
     assert_eq!(r.mirror.status().legs[0].state, LegState::Failed);
 }
