@@ -59,10 +59,10 @@ impl Server {
         self.port_state(p, 3);
     }
 
-    /// Sends a frame (an unknown EtherType, broadcast) to path `p` every 200 µs from its peer
-    /// port, past the bridge, until dropped: a segment that never goes quiet. The frames
-    /// carry no probe answer.
-    fn flood(&self, p: &str) -> Flood {
+    /// Sends a frame of `len` bytes (an unknown EtherType, broadcast) to path `p` every 200 µs
+    /// from its peer port, past the bridge, until dropped: a segment that never goes quiet.
+    /// The frames carry no probe answer.
+    fn flood(&self, p: &str, len: usize) -> Flood {
         let stop = Arc::new(AtomicBool::new(false));
         let (ns, port) = (
             format!("/run/netns/{}s", self.tag),
@@ -75,7 +75,7 @@ impl Server {
             // the network namespace of a descriptor it holds open.
             assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
             let out = NetPath::open(&format!("packet:{port}").parse().unwrap()).unwrap();
-            let mut frame = [0u8; 60];
+            let mut frame = vec![0u8; len];
             frame[..6].fill(0xff);
             frame[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x99]);
             frame[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
@@ -92,6 +92,14 @@ impl Server {
             stop,
             thread: Some(thread),
         }
+    }
+
+    /// Sets the MTU of path `p`'s veth, both ends.
+    fn mtu(&self, p: &str, mtu: u32) {
+        let t = &self.tag;
+        sh(&format!(
+            "ip link set {t}{p} mtu {mtu} && ip -n {t}s link set {t}{p}p mtu {mtu}"
+        ));
     }
 
     fn port_state(&self, p: &str, state: u8) {
@@ -297,7 +305,7 @@ fn a_silent_path_is_judged_while_other_frames_keep_coming() {
     receive_for(&m, Duration::from_millis(600));
     let st = assert_both_answer(&m);
     let before = st.paths[0].received;
-    let flood = server.flood("a");
+    let flood = server.flood("a", 60);
     server.silence("a");
     // About 470 ms here; the check that waited for an empty queue took seconds or never came.
     wait_for_failover(&m, Duration::from_secs(3), " under a flood");
@@ -319,7 +327,7 @@ fn a_flooded_path_is_read_in_turns() {
     let m = open(&server);
     receive_for(&m, Duration::from_millis(300));
     // Frames pile up on path A with nobody reading.
-    let flood = server.flood("a");
+    let flood = server.flood("a", 60);
     std::thread::sleep(Duration::from_millis(300));
     let sent = flood.end();
     let before = m.status().paths[0].received;
@@ -336,4 +344,31 @@ fn a_flooded_path_is_read_in_turns() {
     eprintln!("{sent} frames flooded, {total} read in {} turns", turns + 1);
     assert!(total > POLL_BUDGET as u64, "{total} frames read");
     assert!(!m.poll(0, &mut |_| {}), "path A is empty");
+}
+
+/// A frame too large for the receive buffer is already off the queue when that is known: it
+/// is counted and reading goes on, so a stream of them cannot keep a path from being read
+/// empty (and judged).
+#[test]
+fn frames_too_large_to_read_are_counted_and_reading_goes_on() {
+    let server = Server::build("po");
+    server.mtu("a", 16000);
+    let m = open(&server);
+    receive_for(&m, Duration::from_millis(300));
+    let before = m.status().paths[0].oversize;
+    // 12000-byte frames: past the largest frame a path moves, within the veth's MTU.
+    let flood = server.flood("a", 12000);
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = flood.end();
+    let more = m.poll(0, &mut |_| {});
+    let over = m.status().paths[0].oversize - before;
+    eprintln!("{sent} oversize frames sent, {over} counted in one turn");
+    assert!(
+        over >= 2,
+        "{over} of {sent} oversize frames counted in one turn"
+    );
+    assert!(
+        !more,
+        "one turn did not read path A empty ({over} oversize frames)"
+    );
 }
