@@ -45,7 +45,7 @@ const MAX_QD: usize = 32;
 const META_ROOM: u64 = 8 * MIB;
 
 /// Section names, in the order they run.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "null",
     "file",
     "file-shm",
@@ -54,6 +54,7 @@ const SECTIONS: [&str; 8] = [
     "memory",
     "resync",
     "resync-greedy",
+    "resync-limited",
 ];
 
 const USAGE: &str = "\
@@ -66,7 +67,7 @@ usage: cargo run --release --example bench -- [options]
   --size MIB        working set and leg size in MiB (default 1024)
   --out FILE        also write the report (with the machine's description) to FILE
   --only LIST       sections to run, from null,file,file-shm,nbd,nbd-mem,memory,resync,
-                    resync-greedy (default: all)
+                    resync-greedy,resync-limited (default: all)
   --extra           with --quick: run the memory and resync sections too
   --no-extra        skip the memory and resync sections
   --rss-seconds N   length of the sustained run for the memory section (default 20)
@@ -218,7 +219,7 @@ fn parse_args() -> Opts {
             .map(String::from)
             .to_vec();
         if extra {
-            v.extend(["memory", "resync", "resync-greedy"].map(String::from));
+            v.extend(["memory", "resync", "resync-greedy", "resync-limited"].map(String::from));
         }
         v
     });
@@ -442,6 +443,22 @@ impl Nbdkit {
             socket: socket.to_path_buf(),
             plugin,
         }
+    }
+
+    /// The file plugin behind nbdkit's rate filter: reads and writes each limited to `rate`
+    /// bits per second (nbdkit's suffixes: `1G` is 2^30), as a link or a disk would limit them.
+    fn limited(env: &Env, socket: &Path, image: &Path, rate: &str) -> Nbdkit {
+        Nbdkit::with_plugin(
+            env,
+            socket,
+            vec![
+                "--filter=rate".into(),
+                "file".into(),
+                format!("file={}", image.display()),
+                format!("rate={rate}"),
+                format!("burstiness={RATE_BURST}"),
+            ],
+        )
     }
 
     fn restart(&mut self, env: &Env) {
@@ -1757,7 +1774,7 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> Stri
     drop(c);
     drop(t);
     let leg_bw = if yields {
-        leg_write_bandwidth(env, opts, &nbd[1])
+        leg_write_bandwidth(env, opts, &nbd[1], true)
     } else {
         Vec::new()
     };
@@ -1900,6 +1917,16 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> Stri
          (a resync reads every chunk from leg 0 and writes it to leg 1).\n",
         IDLE_DIRTY_SECS, opts.seconds
     );
+    s.push_str(&idle_table(&idle, &leg_bw));
+    print!("{s}");
+    drop(nbd);
+    s.push('\n');
+    s
+}
+
+/// The idle resync against a leg's own bandwidth (`leg_write_bandwidth`), as a table.
+fn idle_table(idle: &IdleResync, leg_bw: &[(String, f64, String)]) -> String {
+    let mut s = String::new();
     s.push_str(
         "| measurement | MiB/s | resync ÷ this | CPU s per GiB: daemon + leg servers |\n\
          | --- | ---: | ---: | ---: |\n",
@@ -1915,7 +1942,7 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> Stri
         per_gib(idle.cpu[1], idle.bytes as f64),
         per_gib(idle.cpu[2], idle.bytes as f64),
     );
-    for (name, mibs, cpu) in &leg_bw {
+    for (name, mibs, cpu) in leg_bw {
         let _ = writeln!(
             s,
             "| {name} | {mibs:.1} | {} | {cpu} |",
@@ -1929,9 +1956,6 @@ fn resync_run(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], yields: bool) -> Stri
     if !idle.note.is_empty() {
         let _ = writeln!(s, "\n- ⚠ {}", idle.note);
     }
-    print!("{s}");
-    drop(nbd);
-    s.push('\n');
     s
 }
 
@@ -2085,8 +2109,71 @@ fn idle_resync(
     r
 }
 
-/// Write (and read) bandwidth of one NBD leg with 1 MiB requests, through qsd's NBD client.
-fn leg_write_bandwidth(env: &Env, opts: &Opts, leg: &Nbdkit) -> Vec<(String, f64, String)> {
+/// Leg bandwidths (nbdkit rate filter, bits per second) for the resync on limited legs: about
+/// 128 and 256 MiB/s, below what the copy reaches on this machine's CPUs, so the leg is the
+/// limit as it is when the legs are other machines.
+const LIMITED_RATES: [&str; 3] = ["1G", "2G", "4G"];
+/// The rate filter's bucket, in seconds at the rate. Small, so neither the resync nor the leg's
+/// own measurement starts on saved-up tokens (the default 2 s would be a quarter of a 1 GiB copy
+/// at 1 Gbit/s, and all of a 1 s measurement).
+const RATE_BURST: &str = "0.1";
+
+/// The idle resync when each leg's bandwidth, not the shared CPUs, is what limits it: both
+/// leg servers behind nbdkit's rate filter, the resync against leg 1's write bandwidth
+/// measured through the same filter.
+fn resync_limited_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
+    println!("\n== idle resync on bandwidth-limited legs ==");
+    let mut s = String::from("### Idle resync on bandwidth-limited legs (nbdkit rate filter)\n\n");
+    let _ = writeln!(
+        s,
+        "The two NBD legs of the resync sections, each nbdkit behind `--filter=rate rate=R \
+         burstiness={RATE_BURST}` (reads and writes each limited to R bits per second; nbdkit's \
+         `1G` is 2^30): the leg's bandwidth is the limit, as a link or a disk is when the legs \
+         are other machines, rather than the two vCPUs that the daemon, both servers and the \
+         client share. Then as above: a fresh daemon, leg 1's nbdkit killed, the client writes \
+         QD32 4K at random for {IDLE_DIRTY_SECS:.0} s and stops, leg 1 restarted and re-added, \
+         the resync (unlimited rate) timed from the daemon's log; leg 1's write bandwidth \
+         through qemu-storage-daemon's NBD client, 1 MiB random writes, {:.0} s each at QD1 and \
+         QD4.\n",
+        opts.seconds
+    );
+    for rate in LIMITED_RATES {
+        println!("  -- legs limited to {rate}bit/s --");
+        let mut nbd = [0, 1]
+            .map(|i| Nbdkit::limited(env, &env.path(&format!("nbdr{i}.sock")), &imgs[i], rate));
+        let uris: Vec<String> = nbd.iter().map(Nbdkit::uri).collect();
+        let mut t = Target::mirror(
+            env,
+            &format!("vhost-mirror (2 NBD legs at {rate}bit/s)"),
+            &uris,
+            true,
+        );
+        let mut c = Client::connect(&mut t);
+        let ws = c.capacity.min(opts.size) / SLOT as u64 * SLOT as u64;
+        let idle = idle_resync(env, &mut t, &mut c, &mut nbd, ws);
+        let health = t.health();
+        drop(c);
+        drop(t);
+        let leg_bw = leg_write_bandwidth(env, opts, &nbd[1], false);
+        let _ = writeln!(s, "#### Legs limited to {rate}bit/s\n");
+        s.push_str(&idle_table(&idle, &leg_bw));
+        if !health.is_empty() {
+            let _ = writeln!(s, "\n- ⚠ {health}");
+        }
+        s.push('\n');
+    }
+    print!("{s}");
+    s
+}
+
+/// Write (and, if `reads`, read) bandwidth of one NBD leg with 1 MiB requests, through qsd's
+/// NBD client.
+fn leg_write_bandwidth(
+    env: &Env,
+    opts: &Opts,
+    leg: &Nbdkit,
+    reads: bool,
+) -> Vec<(String, f64, String)> {
     let mut t = Target::qsd(
         env,
         "qsd nbd on leg 1",
@@ -2101,6 +2188,9 @@ fn leg_write_bandwidth(env: &Env, opts: &Opts, leg: &Nbdkit) -> Vec<(String, f64
     let dur = Duration::from_secs_f64(opts.seconds);
     let mut out = Vec::new();
     for (write, qd) in [(true, 1), (true, 4), (false, 1), (false, 4)] {
+        if !write && !reads {
+            continue;
+        }
         let w = Workload {
             qd,
             write,
@@ -2239,9 +2329,16 @@ fn main() {
 
     let mut body = String::new();
     let has = |s: &str| opts.sections.iter().any(|x| x == s);
-    let need_images = ["file", "nbd", "memory", "resync", "resync-greedy"]
-        .iter()
-        .any(|s| has(s));
+    let need_images = [
+        "file",
+        "nbd",
+        "memory",
+        "resync",
+        "resync-greedy",
+        "resync-limited",
+    ]
+    .iter()
+    .any(|s| has(s));
     // The third image is the single-leg peers' own, so the mirrored pair stays identical.
     let imgs = [
         env.path("leg0.img"),
@@ -2260,7 +2357,7 @@ fn main() {
         );
     }
     type SectionFn = fn(&Env, &Opts, &[PathBuf; 3]) -> String;
-    let sections: [(&str, SectionFn); 8] = [
+    let sections: [(&str, SectionFn); 9] = [
         ("null", |e, o, _| null_section(e, o)),
         ("file", file_section),
         ("file-shm", file_shm_section),
@@ -2269,6 +2366,7 @@ fn main() {
         ("memory", memory_section),
         ("resync", resync_section),
         ("resync-greedy", resync_greedy_section),
+        ("resync-limited", resync_limited_section),
     ];
     for (name, f) in sections {
         if !has(name) {
