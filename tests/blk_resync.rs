@@ -193,6 +193,51 @@ fn failing_write_zeroes_falls_back_to_data() {
     assert!(!daemon_log.contains("of them zeros"), "{daemon_log}");
 }
 
+/// A long resync flushes its target on the way (every 32 MiB landed), so a target that writes
+/// through its page cache writes the copy back while it runs, and the flush that ends the
+/// resync has only the tail of it left.
+#[test]
+fn a_long_resync_flushes_its_target_as_it_copies() {
+    let logs = TempDir::new("flushes-log");
+    let log = logs.path("leg1.log");
+    let logfile = format!("logfile={}", log.display());
+    let mut r = Rig::start("flushes", [&[], &["log"]], [&[], &[logfile.as_str()]], &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    // A block in each of 48 chunks of 1 MiB: 48 MiB to copy.
+    for chunk in 0..48u64 {
+        assert_eq!(c.write(chunk << 20, &pattern(chunk, 4096)), 0);
+    }
+    // The restarted server starts a new log: the resync's commands.
+    r.legs[1].restart();
+    re_add(&r, 1);
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    let resync_log = std::fs::read_to_string(&log).unwrap();
+    drop(c);
+    r.daemon.terminate();
+    let lines: Vec<&str> = resync_log.lines().collect();
+    let chunk_writes: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains(" Write ") && lines[i].contains(" count=0x100000 "))
+        .collect();
+    assert_eq!(chunk_writes.len(), 48, "{resync_log}");
+    let flushes: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].contains(" Flush "))
+        .collect();
+    let last_write = chunk_writes[chunk_writes.len() - 1];
+    assert!(
+        flushes.iter().any(|&f| f < last_write),
+        "no flush while the copy ran: {resync_log}"
+    );
+    assert!(
+        flushes.iter().any(|&f| f > last_write),
+        "no flush after the last chunk: {resync_log}"
+    );
+    let (a, b) = (r.image(0), r.image(1));
+    let end = (DISK - 3 * 4096) as usize;
+    assert!(a[..end] == b[..end], "legs differ after resync");
+}
+
 /// Guest writes while a slow resync copies chunks survive it: nothing older lands over them.
 #[test]
 fn guest_writes_during_resync_survive() {

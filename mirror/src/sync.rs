@@ -929,6 +929,63 @@ impl Pacer {
     }
 }
 
+/// Bytes a resync lets land on its target between two of its flushes.
+const RESYNC_FLUSH_EVERY: u64 = 32 << 20;
+
+/// Flushes a resync's target while the copy runs, one flush at a time, each once
+/// [`RESYNC_FLUSH_EVERY`] bytes have landed since the last one started. A target that writes
+/// through a page cache (nbdkit's file plugin, a file leg on a host without O_DIRECT) then writes
+/// back during the copy, and the flush that must end the resync before the leg counts as up to
+/// date waits for the last few chunks, not for the whole copy: on a 1 GiB copy here that final
+/// flush had taken 0.3-0.4 s, a fixed cost on top of the copy's time with a single good copy.
+struct Flusher {
+    in_flight: Option<Receiver<InternalResult>>,
+    /// Bytes landed when the last flush started.
+    at: u64,
+    /// The target does not flush: nothing to wait for, and no more tries.
+    off: bool,
+}
+
+impl Flusher {
+    /// Books the flush in flight if it is done, then starts one if it is due with `landed`
+    /// bytes on the target. A failed flush is the target's failure.
+    fn step<C: Send + 'static>(
+        &mut self,
+        inner: &Inner<C>,
+        leg: usize,
+        landed: u64,
+    ) -> Result<(), LegError> {
+        if let Some(rx) = &self.in_flight {
+            let Some(r) = io_done(rx) else { return Ok(()) };
+            self.in_flight = None;
+            self.book(r)?;
+        }
+        if !self.off && landed.saturating_sub(self.at) >= RESYNC_FLUSH_EVERY {
+            self.at = landed;
+            self.in_flight = Some(inner.leg_io_start(leg, LegOp::Flush, IoBuf::new(0)));
+        }
+        Ok(())
+    }
+
+    /// Waits for the flush in flight.
+    fn finish<C: Send + 'static>(&mut self, inner: &Inner<C>) -> Result<(), LegError> {
+        match self.in_flight.take() {
+            Some(rx) => self.book(inner.leg_io_wait(&rx)),
+            None => Ok(()),
+        }
+    }
+
+    fn book(&mut self, r: InternalResult) -> Result<(), LegError> {
+        match r {
+            Err(LegError::Unsupported) => {
+                self.off = true;
+                Ok(())
+            }
+            r => r,
+        }
+    }
+}
+
 /// What became of a copy whose step had an outcome.
 enum Advanced<'a, C: Send + 'static> {
     /// Read: now being written.
@@ -1055,6 +1112,11 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         no_zeroes: false,
     };
     p.publish();
+    let mut flusher = Flusher {
+        in_flight: None,
+        at: 0,
+        off: false,
+    };
     let mut k = 0;
     // Chunks whose read failed, to copy again from another source.
     let mut retry: Vec<u64> = Vec::new();
@@ -1167,6 +1229,11 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             finished = false;
             break;
         }
+        if let Err(e) = flusher.step(inner, leg, p.status.done_bytes) {
+            inner.eject(leg, &format!("flush during resync failed: {e}"));
+            finished = false;
+            break;
+        }
     }
     // Writes still in flight land (or fail) before their chunks are unlocked.
     for w in window.drain(..) {
@@ -1180,6 +1247,13 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
                     finished = false;
                 }
             }
+        }
+    }
+    // A flush in flight holds no chunk: a resync that stops early leaves it to land alone.
+    if finished {
+        if let Err(e) = flusher.finish(inner) {
+            inner.eject(leg, &format!("flush during resync failed: {e}"));
+            finished = false;
         }
     }
     if finished && l.state() == LegState::Resyncing {
