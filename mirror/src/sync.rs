@@ -1145,7 +1145,8 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
                 no_source = true;
                 break;
             };
-            let c = retry.last().copied().unwrap_or(dirty[k]);
+            // Lazily: a chunk to retry can come after the last dirty chunk has started.
+            let c = retry.last().copied().unwrap_or_else(|| dirty[k]);
             match hold_chunk(inner, md, slot, c) {
                 Ok(hold) => {
                     free.pop();
