@@ -247,8 +247,10 @@ pub(crate) type Mask = u8;
 /// Default [`MirrorConfig::flush_timeout`].
 pub const DEFAULT_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Chunks a resync keeps in flight (read from the source, then written to the target).
-pub(crate) const RESYNC_WINDOW: usize = 4;
+/// Chunks a resync keeps in flight (read from the source, then written to the target). Eight
+/// rather than four: 1 GiB idle over nbdkit file legs in 0.76-0.77 s instead of 0.83-0.84, once
+/// the final flush no longer hid the difference; a chunk's buffer each, during a resync only.
+pub(crate) const RESYNC_WINDOW: usize = 8;
 
 /// Chunks that can be under copy at once: the resync's window, and one for repair.
 pub(crate) const COPY_SLOTS: usize = RESYNC_WINDOW + 1;
