@@ -193,29 +193,45 @@ fn failing_write_zeroes_falls_back_to_data() {
     assert!(!daemon_log.contains("of them zeros"), "{daemon_log}");
 }
 
-/// A long resync flushes its target on the way (every 32 MiB landed), so a target that writes
-/// through its page cache writes the copy back while it runs, and the flush that ends the
-/// resync has only the tail of it left.
-#[test]
-fn a_long_resync_flushes_its_target_as_it_copies() {
-    let logs = TempDir::new("flushes-log");
+/// Leg 1 (its nbdkit logging every command) misses a block in each of 48 chunks of 1 MiB,
+/// returns and is resynced while the guest is idle or, if `busy`, keeps writing other chunks
+/// until the resync is done. Checks that the legs match; returns where leg 1's log has the
+/// resync's chunk writes and the flushes, and the log.
+fn resync_48_chunks(name: &str, busy: bool) -> (Vec<usize>, Vec<usize>, String) {
+    let logs = TempDir::new(&format!("{name}-log"));
     let log = logs.path("leg1.log");
     let logfile = format!("logfile={}", log.display());
-    let mut r = Rig::start("flushes", [&[], &["log"]], [&[], &[logfile.as_str()]], &[]);
+    let mut r = Rig::start(name, [&[], &["log"]], [&[], &[logfile.as_str()]], &[]);
     let mut c = Client::connect(&r.daemon.socket, 4);
     r.legs[1].kill();
     r.wait_leg(1, "failed", Duration::from_secs(5));
-    // A block in each of 48 chunks of 1 MiB: 48 MiB to copy.
     for chunk in 0..48u64 {
         assert_eq!(c.write(chunk << 20, &pattern(chunk, 4096)), 0);
     }
+    // Past the 200 ms after which the resync no longer counts the guest as busy.
+    std::thread::sleep(Duration::from_millis(300));
     // The restarted server starts a new log: the resync's commands.
     r.legs[1].restart();
     re_add(&r, 1);
+    if busy {
+        let t0 = Instant::now();
+        let mut n = 0u64;
+        while r.daemon.status()["legs"][1]["state"] != "uptodate" {
+            assert!(t0.elapsed() < Duration::from_secs(30), "resync not done");
+            for _ in 0..20 {
+                let off = (56 << 20) + (n % 1024) * 4096;
+                assert_eq!(c.write(off, &pattern(n, 4096)), 0);
+                n += 1;
+            }
+        }
+    }
     r.wait_leg(1, "uptodate", Duration::from_secs(30));
     let resync_log = std::fs::read_to_string(&log).unwrap();
     drop(c);
     r.daemon.terminate();
+    let (a, b) = (r.image(0), r.image(1));
+    let end = (DISK - 3 * 4096) as usize;
+    assert!(a[..end] == b[..end], "legs differ after resync");
     let lines: Vec<&str> = resync_log.lines().collect();
     let chunk_writes: Vec<usize> = (0..lines.len())
         .filter(|&i| lines[i].contains(" Write ") && lines[i].contains(" count=0x100000 "))
@@ -224,18 +240,35 @@ fn a_long_resync_flushes_its_target_as_it_copies() {
     let flushes: Vec<usize> = (0..lines.len())
         .filter(|&i| lines[i].contains(" Flush "))
         .collect();
-    let last_write = chunk_writes[chunk_writes.len() - 1];
+    let last = chunk_writes[47];
     assert!(
-        flushes.iter().any(|&f| f < last_write),
-        "no flush while the copy ran: {resync_log}"
-    );
-    assert!(
-        flushes.iter().any(|&f| f > last_write),
+        flushes.iter().any(|&f| f > last),
         "no flush after the last chunk: {resync_log}"
     );
-    let (a, b) = (r.image(0), r.image(1));
-    let end = (DISK - 3 * 4096) as usize;
-    assert!(a[..end] == b[..end], "legs differ after resync");
+    (chunk_writes, flushes, resync_log)
+}
+
+/// A long resync with the guest idle flushes its target on the way (every 32 MiB landed), so a
+/// target that writes through its page cache writes the copy back while it runs, and the flush
+/// that ends the resync has only the tail of it left.
+#[test]
+fn a_long_resync_flushes_its_target_as_it_copies() {
+    let (writes, flushes, log) = resync_48_chunks("flushes", false);
+    assert!(
+        flushes.iter().any(|&f| f < writes[47]),
+        "no flush while the copy ran: {log}"
+    );
+}
+
+/// While the guest writes, the resync yields to it and flushes only at its end: a flush on the
+/// way would make the target write back the guest's writes too, and hold them up.
+#[test]
+fn a_resync_yielding_to_the_guest_flushes_only_at_its_end() {
+    let (writes, flushes, log) = resync_48_chunks("flushes-busy", true);
+    assert!(
+        flushes.iter().all(|&f| f > writes[47]),
+        "flushed while yielding to the guest: {log}"
+    );
 }
 
 /// Guest writes while a slow resync copies chunks survive it: nothing older lands over them.
