@@ -929,6 +929,10 @@ impl Pacer {
     }
 }
 
+/// Bytes of chunks a resync keeps in flight at most: [`RESYNC_WINDOW`] chunks of the default 1 MiB,
+/// fewer of larger ones.
+const RESYNC_BYTES_IN_FLIGHT: u64 = 8 << 20;
+
 /// Bytes a resync lets land on its target between two of its flushes.
 const RESYNC_FLUSH_EVERY: u64 = 32 << 20;
 
@@ -1094,10 +1098,11 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
     }
     let l = &inner.legs[leg];
     let chunk = md.layout.chunk_size;
-    let mut bufs: Vec<Arc<IoBuf>> = (0..RESYNC_WINDOW)
-        .map(|_| IoBuf::new(chunk as usize))
-        .collect();
-    let mut free: Vec<usize> = (0..RESYNC_WINDOW).rev().collect();
+    // Up to RESYNC_BYTES_IN_FLIGHT: with large chunks (up to 1 GiB) a full window of buffers
+    // would be gigabytes.
+    let slots = (RESYNC_BYTES_IN_FLIGHT / chunk).clamp(1, RESYNC_WINDOW as u64) as usize;
+    let mut bufs: Vec<Arc<IoBuf>> = (0..slots).map(|_| IoBuf::new(chunk as usize)).collect();
+    let mut free: Vec<usize> = (0..slots).rev().collect();
     let mut window: std::collections::VecDeque<Copy<C>> = std::collections::VecDeque::new();
     let mut p = Progress {
         md,
