@@ -1241,6 +1241,9 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             finished = false;
             break;
         }
+        // Looked at afresh: the guest may have woken up or gone quiet since a chunk last started.
+        let busy = guest_busy(inner.last_guest_io.load(Ordering::Relaxed), coarse_now());
+        p.rate(busy);
         if let Err(e) = flusher.step(inner, leg, p.status.done_bytes, p.status.yielding) {
             inner.eject(leg, &format!("flush during resync failed: {e}"));
             finished = false;
