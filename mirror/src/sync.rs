@@ -647,10 +647,11 @@ fn begin_resync<C: Send + 'static>(inner: &Inner<C>, md: &MetaRuntime, leg: usiz
         l.uri,
         dirty.len()
     );
+    let conn = l.epoch.load(Ordering::SeqCst);
     let Some(me) = inner.arc() else { return };
     let spawned = thread::Builder::new()
         .name("mirror-resync".into())
-        .spawn(move || resync(&me, leg, dirty, total));
+        .spawn(move || resync(&me, leg, conn, dirty, total));
     if let Err(e) = spawned {
         error!("cannot start resync thread: {e}");
     }
@@ -1088,7 +1089,17 @@ fn advance<'a, C: Send + 'static>(
 /// flight, each read from the source and then written to the target under its chunk lock, so
 /// reads and writes overlap and the copy runs at the legs' bandwidth rather than at one
 /// chunk's round trip.
-fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>, total: u64) {
+///
+/// `conn` is the leg's connection (epoch) the copy is for. A connection that replaces it (the
+/// leg lost and back again before this resync noticed) gets a resync of its own: this one then
+/// stops, and nothing it learns, a failure or the end of its copy, acts on the new connection.
+fn resync<C: Send + 'static>(
+    inner: &Arc<Inner<C>>,
+    leg: usize,
+    conn: u64,
+    dirty: Vec<u64>,
+    total: u64,
+) {
     let Some(md) = inner.md() else { return };
     if md.resync_running.swap(true, Ordering::SeqCst) {
         // One resync at a time; this leg waits its turn.
@@ -1097,6 +1108,12 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         }
     }
     let l = &inner.legs[leg];
+    let replaced = || l.epoch.load(Ordering::SeqCst) != conn;
+    let fail = |why: String| {
+        if !replaced() {
+            inner.eject(leg, &why);
+        }
+    };
     let chunk = md.layout.chunk_size;
     // Up to RESYNC_BYTES_IN_FLIGHT: with large chunks (up to 1 GiB) a full window of buffers
     // would be gigabytes.
@@ -1133,7 +1150,7 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
     let mut retry: Vec<u64> = Vec::new();
     let mut finished = true;
     loop {
-        if inner.stopping.load(Ordering::SeqCst) || l.state() != LegState::Resyncing {
+        if inner.stopping.load(Ordering::SeqCst) || l.state() != LegState::Resyncing || replaced() {
             finished = false;
             break;
         }
@@ -1237,7 +1254,7 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
             }
         }
         if let Some(e) = failed {
-            inner.eject(leg, &format!("resync write failed: {e}"));
+            fail(format!("resync write failed: {e}"));
             finished = false;
             break;
         }
@@ -1245,7 +1262,7 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
         let busy = guest_busy(inner.last_guest_io.load(Ordering::Relaxed), coarse_now());
         p.rate(busy);
         if let Err(e) = flusher.step(inner, leg, p.status.done_bytes, p.status.yielding) {
-            inner.eject(leg, &format!("flush during resync failed: {e}"));
+            fail(format!("flush during resync failed: {e}"));
             finished = false;
             break;
         }
@@ -1257,7 +1274,7 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
                 Ok(()) => p.landed(w.c, len, zeroes),
                 Err(e) => {
                     if finished {
-                        inner.eject(leg, &format!("resync write failed: {e}"));
+                        fail(format!("resync write failed: {e}"));
                     }
                     finished = false;
                 }
@@ -1267,15 +1284,13 @@ fn resync<C: Send + 'static>(inner: &Arc<Inner<C>>, leg: usize, dirty: Vec<u64>,
     // A flush in flight holds no chunk: a resync that stops early leaves it to land alone.
     if finished {
         if let Err(e) = flusher.finish(inner) {
-            inner.eject(leg, &format!("flush during resync failed: {e}"));
+            fail(format!("flush during resync failed: {e}"));
             finished = false;
         }
     }
-    if finished && l.state() == LegState::Resyncing {
+    if finished && l.state() == LegState::Resyncing && !replaced() {
         match inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)) {
-            Err(e) if e != LegError::Unsupported => {
-                inner.eject(leg, &format!("flush after resync failed: {e}"))
-            }
+            Err(e) if e != LegError::Unsupported => fail(format!("flush after resync failed: {e}")),
             _ => complete_resync(inner, md, leg, &p.status, p.t0.elapsed()),
         }
     }
