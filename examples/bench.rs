@@ -2109,9 +2109,9 @@ fn idle_resync(
     r
 }
 
-/// Leg bandwidths (nbdkit rate filter, bits per second) for the resync on limited legs: about
-/// 128 and 256 MiB/s, below what the copy reaches on this machine's CPUs, so the leg is the
-/// limit as it is when the legs are other machines.
+/// Leg bandwidths (nbdkit rate filter, bits per second) for the resync on limited legs: 128, 256
+/// and 512 MiB/s, below what the copy reaches on this machine's CPUs, so the leg is the limit
+/// as it is when the legs are other machines.
 const LIMITED_RATES: [&str; 3] = ["1G", "2G", "4G"];
 /// The rate filter's bucket, in seconds at the rate. Small, so neither the resync nor the leg's
 /// own measurement starts on saved-up tokens (the default 2 s would be a quarter of a 1 GiB copy
