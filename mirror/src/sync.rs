@@ -978,12 +978,16 @@ impl Flusher {
         Ok(())
     }
 
-    /// Waits for the flush in flight.
-    fn finish<C: Send + 'static>(&mut self, inner: &Inner<C>) -> Result<(), LegError> {
-        match self.in_flight.take() {
-            Some(rx) => self.book(inner.leg_io_wait(&rx)),
-            None => Ok(()),
+    /// The flush that ends the resync: waits for the one in flight, then flushes what landed
+    /// since (nothing to do on a target that does not flush).
+    fn last<C: Send + 'static>(&mut self, inner: &Inner<C>, leg: usize) -> Result<(), LegError> {
+        if let Some(rx) = self.in_flight.take() {
+            self.book(inner.leg_io_wait(&rx))?;
         }
+        if self.off {
+            return Ok(());
+        }
+        self.book(inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)))
     }
 
     fn book(&mut self, r: InternalResult) -> Result<(), LegError> {
@@ -1282,16 +1286,10 @@ fn resync<C: Send + 'static>(
         }
     }
     // A flush in flight holds no chunk: a resync that stops early leaves it to land alone.
-    if finished {
-        if let Err(e) = flusher.finish(inner) {
-            fail(format!("flush during resync failed: {e}"));
-            finished = false;
-        }
-    }
     if finished && l.state() == LegState::Resyncing && !replaced() {
-        match inner.leg_io(leg, LegOp::Flush, IoBuf::new(0)) {
-            Err(e) if e != LegError::Unsupported => fail(format!("flush after resync failed: {e}")),
-            _ => complete_resync(inner, md, leg, &p.status, p.t0.elapsed()),
+        match flusher.last(inner, leg) {
+            Err(e) => fail(format!("flush after resync failed: {e}")),
+            Ok(()) => complete_resync(inner, md, leg, &p.status, p.t0.elapsed()),
         }
     }
     set_resync(md, None);
