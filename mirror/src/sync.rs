@@ -880,6 +880,14 @@ impl Progress<'_> {
         self.publish();
     }
 
+    /// [`Progress::rate`] with the guest's activity as of now.
+    fn rate_now<C: Send + 'static>(&mut self, inner: &Inner<C>) -> u64 {
+        self.rate(guest_busy(
+            inner.last_guest_io.load(Ordering::Relaxed),
+            coarse_now(),
+        ))
+    }
+
     /// The rate in force (bytes per second, 0 for none): `--resync-rate`, lowered to
     /// `--resync-busy-rate` while the guest is `busy`.
     fn rate(&mut self, busy: bool) -> u64 {
@@ -1167,8 +1175,7 @@ fn resync<C: Send + 'static>(
         while (k < dirty.len() || !retry.is_empty()) && !paused {
             let Some(&slot) = free.last() else { break };
             let now = Instant::now();
-            let busy = guest_busy(inner.last_guest_io.load(Ordering::Relaxed), coarse_now());
-            let rate = p.rate(busy);
+            let rate = p.rate_now(inner);
             wait = p.pacer.pace(rate, chunk, now);
             if !wait.is_zero() {
                 break;
@@ -1263,8 +1270,7 @@ fn resync<C: Send + 'static>(
             break;
         }
         // Looked at afresh: the guest may have woken up or gone quiet since a chunk last started.
-        let busy = guest_busy(inner.last_guest_io.load(Ordering::Relaxed), coarse_now());
-        p.rate(busy);
+        p.rate_now(inner);
         if let Err(e) = flusher.step(inner, leg, p.status.done_bytes, p.status.yielding) {
             fail(format!("flush during resync failed: {e}"));
             finished = false;
