@@ -113,12 +113,7 @@ fn resync_copies_only_dirty_chunks() {
 /// Checks that the legs match and chunk 3 holds no stale data on leg 1, and returns leg 1's
 /// command log of the resync and the daemon's log.
 fn resync_a_zeroed_chunk(name: &str, filters: &[&str], params: &[&str]) -> (String, String) {
-    let logs = TempDir::new(&format!("{name}-log"));
-    let log = logs.path("leg1.log");
-    let logfile = format!("logfile={}", log.display());
-    let filters: Vec<&str> = ["log"].iter().chain(filters).copied().collect();
-    let params: Vec<&str> = [logfile.as_str()].iter().chain(params).copied().collect();
-    let mut r = Rig::start(name, [&[], &filters], [&[], &params], &[]);
+    let (mut r, _logs, log) = rig_logging_leg1(name, filters, params, &[]);
     let mut c = Client::connect(&r.daemon.socket, 4);
     // Chunks 2, 3 and 4 (1 MiB each) hold data on both legs.
     for chunk in [2u64, 3, 4] {
@@ -151,11 +146,45 @@ fn resync_a_zeroed_chunk(name: &str, filters: &[&str], params: &[&str]) -> (Stri
     (resync_log, daemon_log)
 }
 
+/// A rig whose leg 1 has nbdkit's log filter in front of `filters`; with the directory that
+/// holds the log (the log lives as long as it) and the log's path.
+fn rig_logging_leg1(
+    name: &str,
+    filters: &[&str],
+    params: &[&str],
+    extra: &[&str],
+) -> (Rig, TempDir, std::path::PathBuf) {
+    let logs = TempDir::new(&format!("{name}-log"));
+    let log = logs.path("leg1.log");
+    let logfile = format!("logfile={}", log.display());
+    let filters: Vec<&str> = ["log"].iter().chain(filters).copied().collect();
+    let params: Vec<&str> = [logfile.as_str()].iter().chain(params).copied().collect();
+    let r = Rig::start(name, [&[], &filters], [&[], &params], extra);
+    (r, logs, log)
+}
+
+/// A request line of nbdkit's log filter ("<date> <time> connection=N Kind id=I offset=0x…
+/// count=0x… …"): its kind ("Write", "Zero", "Flush"), offset and count (0 where it has none).
+/// None for the lines that report a request's return ("...Write id=I return=0") and the rest.
+fn command(line: &str) -> Option<(&str, u64, u64)> {
+    let kind = line.split_whitespace().nth(3)?;
+    if !line.contains(" connection=") || kind.starts_with("...") {
+        return None;
+    }
+    let hex = |key: &str| {
+        line.split(&format!(" {key}=0x"))
+            .nth(1)
+            .and_then(|x| x.split(' ').next())
+            .and_then(|x| u64::from_str_radix(x, 16).ok())
+            .unwrap_or(0)
+    };
+    Some((kind, hex("offset"), hex("count")))
+}
+
 /// Leg 1's logged commands of `kind` ("Write", "Zero") at `offset`.
 fn logged(log: &str, kind: &str, offset: u64) -> Vec<String> {
-    let at = format!("offset={offset:#x} ");
     log.lines()
-        .filter(|l| l.contains(&format!(" {kind} ")) && l.contains(&at))
+        .filter(|l| command(l).is_some_and(|(k, o, _)| k == kind && o == offset))
         .map(str::to_string)
         .collect()
 }
@@ -198,13 +227,10 @@ fn failing_write_zeroes_falls_back_to_data() {
 /// until the resync is done. Checks that the legs match; returns where leg 1's log has the
 /// resync's chunk writes and the flushes, and the log.
 fn resync_48_chunks(name: &str, busy: bool) -> (Vec<usize>, Vec<usize>, String) {
-    let logs = TempDir::new(&format!("{name}-log"));
-    let log = logs.path("leg1.log");
-    let logfile = format!("logfile={}", log.display());
     // Busy, the copy starts held at 1 MiB/s and is let go once the guest's writes are coming:
     // at full speed the first 32 MiB could land before the first of them.
     let extra: &[&str] = if busy { &["--resync-rate", "1M"] } else { &[] };
-    let mut r = Rig::start(name, [&[], &["log"]], [&[], &[logfile.as_str()]], extra);
+    let (mut r, _logs, log) = rig_logging_leg1(name, &[], &[], extra);
     let mut c = Client::connect(&r.daemon.socket, 4);
     r.legs[1].kill();
     r.wait_leg(1, "failed", Duration::from_secs(5));
@@ -243,22 +269,17 @@ fn resync_48_chunks(name: &str, busy: bool) -> (Vec<usize>, Vec<usize>, String) 
     let (a, b) = (r.image(0), r.image(1));
     let end = (DISK - 3 * 4096) as usize;
     assert!(a[..end] == b[..end], "legs differ after resync");
-    let lines: Vec<&str> = resync_log.lines().collect();
+    let commands: Vec<_> = resync_log.lines().map(command).collect();
+    let at = |want: &dyn Fn(&str, u64, u64) -> bool| -> Vec<usize> {
+        (0..commands.len())
+            .filter(|&i| commands[i].is_some_and(|(k, o, n)| want(k, o, n)))
+            .collect()
+    };
     // The copies of chunks 0..48 (a chunk the busy guest dirtied as the resync began may be
     // copied too).
-    let copied = |l: &str| {
-        let offset = l
-            .split(" offset=0x")
-            .nth(1)
-            .and_then(|x| x.split(' ').next())
-            .and_then(|x| u64::from_str_radix(x, 16).ok());
-        l.contains(" Write ") && l.contains(" count=0x100000 ") && offset < Some(48 << 20)
-    };
-    let chunk_writes: Vec<usize> = (0..lines.len()).filter(|&i| copied(lines[i])).collect();
+    let chunk_writes = at(&|k, o, n| k == "Write" && n == 1 << 20 && o < 48 << 20);
     assert_eq!(chunk_writes.len(), 48, "{resync_log}");
-    let flushes: Vec<usize> = (0..lines.len())
-        .filter(|&i| lines[i].contains(" Flush "))
-        .collect();
+    let flushes = at(&|k, _, _| k == "Flush");
     let last = chunk_writes[47];
     assert!(
         flushes.iter().any(|&f| f > last),
