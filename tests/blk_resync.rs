@@ -232,13 +232,7 @@ fn resync_48_chunks(name: &str, busy: bool) -> (Vec<usize>, Vec<usize>, String) 
     let extra: &[&str] = if busy { &["--resync-rate", "1M"] } else { &[] };
     let (mut r, _logs, log) = rig_logging_leg1(name, &[], &[], extra);
     let mut c = Client::connect(&r.daemon.socket, 4);
-    r.legs[1].kill();
-    r.wait_leg(1, "failed", Duration::from_secs(5));
-    for chunk in 0..48u64 {
-        assert_eq!(c.write(chunk << 20, &pattern(chunk, 4096)), 0);
-    }
-    // Past the 200 ms after which the resync no longer counts the guest as busy.
-    std::thread::sleep(Duration::from_millis(300));
+    lose_leg1_missing_chunks(&mut r, &mut c, 48);
     // The restarted server starts a new log: the resync's commands.
     r.legs[1].restart();
     re_add(&r, 1);
@@ -265,10 +259,7 @@ fn resync_48_chunks(name: &str, busy: bool) -> (Vec<usize>, Vec<usize>, String) 
     r.wait_leg(1, "uptodate", Duration::from_secs(30));
     let resync_log = std::fs::read_to_string(&log).unwrap();
     drop(c);
-    r.daemon.terminate();
-    let (a, b) = (r.image(0), r.image(1));
-    let end = (DISK - 3 * 4096) as usize;
-    assert!(a[..end] == b[..end], "legs differ after resync");
+    assert_legs_match(r);
     let commands: Vec<_> = resync_log.lines().map(command).collect();
     let at = |want: &dyn Fn(&str, u64, u64) -> bool| -> Vec<usize> {
         (0..commands.len())
@@ -309,6 +300,146 @@ fn a_resync_yielding_to_the_guest_flushes_only_at_its_end() {
         flushes.iter().all(|&f| f > writes[47]),
         "flushed while yielding to the guest: {log}"
     );
+}
+
+/// Leg 1's server as nbdkit's eval plugin serving `leg1.img` in `dir` through `dd`: a real NBD
+/// server whose flush fails with EIO while the file `fail-flush` exists in `dir`, or (`flush`
+/// false) that offers no flush at all. It does FUA itself (a write with `fdatasync`), so writes
+/// that ask for it do not turn into flushes.
+fn scripted_leg1(dir: &TempDir, flush: bool) -> Vec<String> {
+    let img = dir.path("leg1.img").display().to_string();
+    let flag = dir.path("fail-flush").display().to_string();
+    let mut args = vec![
+        "eval".to_string(),
+        format!("get_size=echo {DISK}"),
+        format!(
+            "pread=exec dd if={img} skip=$4 count=$3 iflag=skip_bytes,count_bytes bs=1M \
+             status=none"
+        ),
+        // $5 holds the request's flags, "fua" among them when it asks for stable storage.
+        format!(
+            "pwrite=case \"$5\" in *fua*) c=conv=notrunc,fdatasync;; *) c=conv=notrunc;; esac; \
+             exec dd of={img} seek=$4 oflag=seek_bytes $c bs=1M status=none"
+        ),
+        "can_write=exit 0".into(),
+        "can_fua=echo native".into(),
+    ];
+    if flush {
+        args.push("can_flush=exit 0".into());
+        args.push(format!(
+            "flush=if [ -e {flag} ]; then echo 'EIO flush refused' >&2; exit 1; fi; exec sync {img}"
+        ));
+    } else {
+        args.push("can_flush=exit 3".into());
+    }
+    args
+}
+
+/// Leg 1 is lost while the guest writes a block into each of the first `chunks` chunks of
+/// 1 MiB; then the guest goes quiet, so a resync would not yield to it. Leg 1 is left down.
+fn lose_leg1_missing_chunks(r: &mut Rig, c: &mut Client, chunks: u64) {
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    for chunk in 0..chunks {
+        assert_eq!(c.write(chunk << 20, &pattern(chunk, 4096)), 0);
+    }
+    // Past the 200 ms after which the resync no longer counts the guest as busy.
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+/// A rig whose leg 1 is [`scripted_leg1`], after [`lose_leg1_missing_chunks`]; with the client.
+fn scripted_rig_missing_chunks(name: &str, flush: bool, chunks: u64) -> (Rig, Client) {
+    let file = |dir: &TempDir| Nbdkit::file_args(&dir.path("leg0.img"), &[], &[]);
+    let mut r = Rig::build_servers(
+        name,
+        Some(&["--assume-clean"]),
+        &[],
+        |_| {},
+        |dir, i| match i {
+            0 => file(dir),
+            _ => scripted_leg1(dir, flush),
+        },
+    );
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    lose_leg1_missing_chunks(&mut r, &mut c, chunks);
+    (r, c)
+}
+
+/// The bytes the last completed resync in `log` reports copied.
+fn last_copied(log: &str) -> u64 {
+    let line = log
+        .lines()
+        .rfind(|l| l.contains("is up to date again"))
+        .unwrap_or_else(|| panic!("no resync completed: {log}"));
+    line.split(": ")
+        .last()
+        .and_then(|x| x.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {line}"))
+}
+
+/// Once the legs' images match, the daemon stopped first.
+fn assert_legs_match(mut r: Rig) {
+    r.daemon.terminate();
+    let (a, b) = (r.image(0), r.image(1));
+    let end = (DISK - 3 * 4096) as usize;
+    assert!(a[..end] == b[..end], "legs differ after resync");
+}
+
+/// A flush that fails while a resync copies (its target's server cannot keep what it was sent)
+/// ejects the target: the leg does not count as up to date on the strength of those writes, the
+/// guest sees nothing, and once the server flushes again the leg is resynced in full.
+#[test]
+fn a_flush_failing_during_a_resync_ejects_its_target() {
+    let (mut r, mut c) = scripted_rig_missing_chunks("flush-fails", true, 60);
+    let flag = r.dir.path("fail-flush");
+    std::fs::write(&flag, b"").unwrap();
+    r.legs[1].restart();
+    re_add(&r, 1);
+    // The first flush goes out once 32 MiB have landed, with 28 chunks still to copy; if it
+    // answers only after the last of them, the flush that ends the resync reports it.
+    let failed = |l: &str| {
+        l.contains("flush during resync failed") || l.contains("flush after resync failed")
+    };
+    wait_for(
+        "a flush of the resync to fail",
+        Duration::from_secs(30),
+        || failed(&r.daemon.log_text()),
+    );
+    // The leg comes back on its own and fails the same way meanwhile; the guest writes on.
+    for b in 0..16u64 {
+        assert_eq!(c.write((61 << 20) + b * 4096, &pattern(610 + b, 4096)), 0);
+    }
+    let log = r.daemon.log_text();
+    assert!(!log.contains("is up to date again"), "{log}");
+    assert_ne!(r.daemon.leg_state(1), "uptodate");
+    assert!(
+        log.contains("flush during resync failed"),
+        "the flush failed only at the resync's end: {log}"
+    );
+    std::fs::remove_file(&flag).unwrap();
+    r.wait_leg(1, "uptodate", Duration::from_secs(60));
+    // Every chunk written while it was away, again: none counted as copied by the failed runs.
+    let log = r.daemon.log_text();
+    assert!(last_copied(&log) >= 60 << 20, "{log}");
+    drop(c);
+    assert_legs_match(r);
+}
+
+/// A server that offers no flush at all: the resync cannot flush it and does not try, and the
+/// leg still comes back up to date.
+#[test]
+fn a_target_without_flush_is_resynced() {
+    let (mut r, c) = scripted_rig_missing_chunks("no-flush", false, 40);
+    r.legs[1].restart();
+    re_add(&r, 1);
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    let log = r.daemon.log_text();
+    assert!(log.contains("flush false"), "leg 1 offered flush: {log}");
+    assert!(last_copied(&log) >= 40 << 20, "{log}");
+    assert!(!log.contains("resync failed"), "{log}");
+    drop(c);
+    assert_legs_match(r);
 }
 
 /// Guest writes while a slow resync copies chunks survive it: nothing older lands over them.

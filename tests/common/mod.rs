@@ -118,11 +118,16 @@ pub struct Nbdkit {
 impl Nbdkit {
     /// `nbdkit [filters] file FILE [params]` on `socket`.
     pub fn start(socket: &Path, file: &Path, filters: &[&str], params: &[&str]) -> Nbdkit {
+        Nbdkit::plugin(socket, Nbdkit::file_args(file, filters, params))
+    }
+
+    /// The arguments of `nbdkit [filters] file FILE [params]` after the socket.
+    pub fn file_args(file: &Path, filters: &[&str], params: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = filters.iter().map(|f| format!("--filter={f}")).collect();
         args.push("file".into());
         args.push(format!("file={}", file.display()));
         args.extend(params.iter().map(|p| p.to_string()));
-        Nbdkit::plugin(socket, args)
+        args
     }
 
     /// `nbdkit ARGS` on `socket`: any plugin (`eval`, `memory`...) with its filters and
@@ -586,6 +591,22 @@ impl Rig {
         extra: &[&str],
         prepare: impl FnOnce(&TempDir),
     ) -> Rig {
+        Rig::build_servers(name, create_args, extra, prepare, |dir, i| {
+            let img = dir.path(&format!("leg{i}.img"));
+            Nbdkit::file_args(&img, filters[i], params[i])
+        })
+    }
+
+    /// As [`Rig::build`], with leg `i`'s server started as `nbdkit -U SOCK ARGS` where
+    /// `server(dir, i)` gives ARGS (any plugin; the images `leg0.img` and `leg1.img` are in
+    /// `dir`).
+    pub fn build_servers(
+        name: &str,
+        create_args: Option<&[&str]>,
+        extra: &[&str],
+        prepare: impl FnOnce(&TempDir),
+        server: impl Fn(&TempDir, usize) -> Vec<String>,
+    ) -> Rig {
         let serial = exclusive();
         let dir = TempDir::new(name);
         for i in 0..2 {
@@ -594,13 +615,8 @@ impl Rig {
         prepare(&dir);
         let mut legs = Vec::new();
         for i in 0..2 {
-            let img = dir.path(&format!("leg{i}.img"));
-            legs.push(Nbdkit::start(
-                &dir.path(&format!("nbd{i}.sock")),
-                &img,
-                filters[i],
-                params[i],
-            ));
+            let sock = dir.path(&format!("nbd{i}.sock"));
+            legs.push(Nbdkit::plugin(&sock, server(&dir, i)));
         }
         let uris: Vec<String> = legs.iter().map(|l| l.uri()).collect();
         if let Some(args) = create_args {
