@@ -8,7 +8,9 @@
 //! table per configuration gives IOPS, MiB/s, p50 and p99 latency and vhost-mirror's ratio to
 //! each peer. The file and NBD configurations run twice: as the issue asks (images on the root
 //! file system, nbdkit's file plugin) and with the disk taken out (images on tmpfs, nbdkit's
-//! memory plugin), which shows the software path. Then the daemon's resident memory over a
+//! memory plugin), which shows the software path. The file legs run a third time on devices of
+//! their own (a loop device each, capped by the kernel's block throttle), the shape of a
+//! deployment, where each leg is a disk with its own limit. Then the daemon's resident memory over a
 //! sustained run, the client's IOPS while a leg that was killed and brought back is resynced,
 //! and the resync's own bandwidth with the client idle against a leg's write bandwidth.
 //!
@@ -45,10 +47,11 @@ const MAX_QD: usize = 32;
 const META_ROOM: u64 = 8 * MIB;
 
 /// Section names, in the order they run.
-const SECTIONS: [&str; 9] = [
+const SECTIONS: [&str; 10] = [
     "null",
     "file",
     "file-shm",
+    "file-dev",
     "nbd",
     "nbd-mem",
     "memory",
@@ -66,7 +69,7 @@ usage: cargo run --release --example bench -- [options]
   --quick           only QD32 randwrite 4K and QD1 randwrite 4K; no memory/resync runs
   --size MIB        working set and leg size in MiB (default 1024)
   --out FILE        also write the report (with the machine's description) to FILE
-  --only LIST       sections to run, from null,file,file-shm,nbd,nbd-mem,memory,resync,
+  --only LIST       sections to run, from null,file,file-shm,file-dev,nbd,nbd-mem,memory,resync,
                     resync-greedy,resync-limited (default: all)
   --extra           with --quick: run the memory and resync sections too
   --no-extra        skip the memory and resync sections
@@ -80,6 +83,8 @@ usage: cargo run --release --example bench -- [options]
   --io-timeout MS   pass --io-timeout MS to every vhost-mirror daemon (default: its own, 1000)
   --daemon-arg ARG  one more argument for every vhost-mirror daemon, repeatable
                     (e.g. --daemon-arg --poll-us --daemon-arg 0: no polling)
+  --dev-iops N      the file-dev section's cap on each device's reads and writes a second
+                    (default 16000; 0: the loop devices without any cap)
   --workloads LIST  only these workloads, QD:w|r:BYTES each (e.g. 1:w:65536,32:r:4096)
 Build the daemon first: cargo build --release";
 
@@ -104,6 +109,8 @@ struct Opts {
     daemon_args: Vec<String>,
     /// `--daemon`: the vhost-mirror binary (A/B runs of two builds).
     daemon: Option<PathBuf>,
+    /// `--dev-iops`: the `file-dev` section's cap on each device (0: none).
+    dev_iops: u64,
 }
 
 fn parse_args() -> Opts {
@@ -122,6 +129,7 @@ fn parse_args() -> Opts {
         workloads: None,
         daemon_args: Vec::new(),
         daemon: None,
+        dev_iops: DEV_IOPS,
     };
     let mut only: Option<Vec<String>> = None;
     let mut extra: Option<bool> = None;
@@ -155,6 +163,12 @@ fn parse_args() -> Opts {
                 o.daemon = Some(p);
             }
             "--rounds" => o.rounds = num(args.next(), "--rounds") as usize,
+            "--dev-iops" => {
+                o.dev_iops = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| usage("--dev-iops takes a whole number (0: no cap)"))
+            }
             "--io-timeout" => o.io_timeout = Some(num(args.next(), "--io-timeout") as u64),
             "--daemon-arg" => o.daemon_args.push(
                 args.next()
@@ -215,7 +229,7 @@ fn parse_args() -> Opts {
     }
     let extra = extra.unwrap_or(!o.quick);
     o.sections = only.unwrap_or_else(|| {
-        let mut v: Vec<String> = ["null", "file", "file-shm", "nbd", "nbd-mem"]
+        let mut v: Vec<String> = ["null", "file", "file-shm", "file-dev", "nbd", "nbd-mem"]
             .map(String::from)
             .to_vec();
         if extra {
@@ -1275,9 +1289,10 @@ fn null_section(env: &Env, opts: &Opts) -> String {
     )
 }
 
-fn file_node(name: &str, img: &Path) -> String {
+/// qsd's node for `img` with `driver` (`file`, or `host_device` for a block device) and `aio`.
+fn file_node(name: &str, driver: &str, img: &Path, aio: &str) -> String {
     format!(
-        "driver=file,node-name={name},filename={},cache.direct=on,aio=native,locking=off",
+        "driver={driver},node-name={name},filename={},cache.direct=on,aio={aio},locking=off",
         img.display()
     )
 }
@@ -1287,6 +1302,7 @@ fn file_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
         env,
         opts,
         imgs,
+        "file",
         "b. Two file legs (O_DIRECT, fully written images on the root ext4)",
         "Both images sit on the same virtual disk, so a mirrored write costs that disk two \
          writes.",
@@ -1311,6 +1327,7 @@ fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
         env,
         opts,
         &imgs,
+        "file",
         "b2. Two file legs on tmpfs (O_DIRECT, images in /dev/shm)",
         "The images live in RAM (tmpfs honours O_DIRECT since Linux 6.6): no disk behind the \
          legs, so this shows the cost of the software path itself.",
@@ -1319,7 +1336,233 @@ fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
     s
 }
 
-fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], title: &str, place: &str) -> String {
+/// What the `file-dev` section caps each leg's device at: a cloud block volume's provisioned
+/// limits (AWS gp3 at its maximum: 16000 IOPS and 1000 MB/s), well under what the two vCPUs
+/// can drive, so the device rather than the shared CPUs is the limit, as it is when every leg
+/// is a disk of its own.
+const DEV_IOPS: u64 = 16_000;
+const DEV_BPS: u64 = 1_000_000_000;
+
+/// The same legs as `file-shm`, each behind a loop device of its own (direct I/O to its tmpfs
+/// image, served by the device's own kernel worker) that the kernel's block throttle caps at
+/// [`DEV_IOPS`] and [`DEV_BPS`] for reads and writes each: every leg its own device with its
+/// own limit, as in a deployment, where the two file sections share one disk (b) or the CPUs
+/// (b2).
+fn file_dev_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
+    const TITLE: &str = "b3. Two file legs on devices of their own, IOPS- and bandwidth-capped";
+    let dir = PathBuf::from(format!("/dev/shm/vhm-bench-dev-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let imgs = [0, 1, 2].map(|i| dir.join(format!("leg{i}.img")));
+    for p in &imgs {
+        image(p, opts.size + META_ROOM);
+    }
+    let iops = opts.dev_iops;
+    let s = match CappedDevices::new(&imgs, iops, DEV_BPS) {
+        Ok(devs) => {
+            let cap = match devs.group {
+                Some((_, _, how)) => format!(
+                    "and the kernel's block throttle ({how}) caps every device at {iops} reads \
+                     and {iops} writes a second and {} MB/s each way{}. Every leg is a device \
+                     with its own limit, as in a deployment; the bench and every daemon run in \
+                     that cgroup, one target at a time.",
+                    DEV_BPS / 1_000_000,
+                    if iops == DEV_IOPS {
+                        ": AWS gp3's largest provisioned limits"
+                    } else {
+                        ""
+                    }
+                ),
+                None => "with no cap (`--dev-iops 0`): the devices' kernel workers share the \
+                         two vCPUs with everything else."
+                    .into(),
+            };
+            let s = file_legs(
+                env,
+                opts,
+                &devs.devs,
+                "host_device",
+                TITLE,
+                &format!(
+                    "Each image (in /dev/shm) is behind a loop device of its own \
+                     (`losetup --direct-io=on`: the device's kernel worker does the image's \
+                     I/O), {cap}"
+                ),
+            );
+            drop(devs);
+            s
+        }
+        Err(e) => {
+            println!("\n== {TITLE}: skipped: {e} ==");
+            format!("### {TITLE}\n\nSkipped: {e}.\n\n")
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    s
+}
+
+/// Loop devices over images, capped by a block-throttle cgroup that this process (and so every
+/// daemon it starts meanwhile) is in until drop: cgroup v1's blkio controller, or v2's io
+/// controller.
+struct CappedDevices {
+    devs: [PathBuf; 3],
+    /// The cgroup, the one this process left for it, and which controller caps the devices;
+    /// None for no cap.
+    group: Option<(PathBuf, PathBuf, &'static str)>,
+}
+
+impl CappedDevices {
+    fn new(imgs: &[PathBuf; 3], iops: u64, bps: u64) -> Result<CappedDevices, String> {
+        let mut devs = Vec::new();
+        for img in imgs {
+            match loop_device(img) {
+                Ok(d) => devs.push(d),
+                Err(e) => {
+                    for d in &devs {
+                        detach_loop(d);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let devs: [PathBuf; 3] = devs.try_into().expect("three devices");
+        if iops == 0 {
+            return Ok(CappedDevices { devs, group: None });
+        }
+        match throttle_group(&devs, iops, bps) {
+            Ok(group) => Ok(CappedDevices {
+                devs,
+                group: Some(group),
+            }),
+            Err(e) => {
+                devs.iter().for_each(|d| detach_loop(d));
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for CappedDevices {
+    fn drop(&mut self) {
+        if let Some((group, home, _)) = &self.group {
+            let me = std::process::id().to_string();
+            if let Err(e) = std::fs::write(home.join("cgroup.procs"), &me) {
+                eprintln!("cannot leave {}: {e}", group.display());
+            }
+            let _ = std::fs::remove_dir(group);
+        }
+        for d in &self.devs {
+            detach_loop(d);
+        }
+    }
+}
+
+/// `losetup --find --show --direct-io=on IMG`: the new device.
+fn loop_device(img: &Path) -> Result<PathBuf, String> {
+    let out = Command::new("losetup")
+        .args(["--find", "--show", "--direct-io=on"])
+        .arg(img)
+        .output()
+        .map_err(|e| format!("cannot run losetup: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "losetup {} failed: {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+fn detach_loop(dev: &Path) {
+    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+}
+
+/// A new cgroup capping every device in `devs` at `iops` and `bps` each way, with this process
+/// moved into it: the cgroup, the one the process was in, and which controller does it.
+fn throttle_group(
+    devs: &[PathBuf],
+    iops: u64,
+    bps: u64,
+) -> Result<(PathBuf, PathBuf, &'static str), String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut numbers = Vec::new();
+    for d in devs {
+        let rdev = std::fs::metadata(d)
+            .map_err(|e| format!("{}: {e}", d.display()))?
+            .rdev();
+        numbers.push(format!("{}:{}", libc::major(rdev), libc::minor(rdev)));
+    }
+    let name = format!("vhm-bench-{}", std::process::id());
+    let write = |f: PathBuf, v: &str| {
+        std::fs::write(&f, v).map_err(|e| format!("cannot write {v:?} to {}: {e}", f.display()))
+    };
+    let v1 = PathBuf::from("/sys/fs/cgroup/blkio");
+    let v2 = PathBuf::from("/sys/fs/cgroup");
+    let (home, how) = if v1.join("blkio.throttle.write_iops_device").exists() {
+        (v1, "cgroup v1 `blkio.throttle.*_device`")
+    } else if std::fs::read_to_string(v2.join("cgroup.controllers"))
+        .is_ok_and(|c| c.split_whitespace().any(|x| x == "io"))
+    {
+        write(v2.join("cgroup.subtree_control"), "+io")?;
+        (v2, "cgroup v2 `io.max`")
+    } else {
+        return Err("no block throttle: neither cgroup v1 blkio nor v2 io is available".into());
+    };
+    // Where this process is now, to go back to: "N:blkio:/PATH" (v1) or "0::/PATH" (v2).
+    let v1 = home.ends_with("blkio");
+    let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let now = mine
+        .lines()
+        .filter_map(|l| l.split_once(':').and_then(|(_, rest)| rest.split_once(':')))
+        .find(|(c, _)| {
+            if v1 {
+                c.split(',').any(|x| x == "blkio")
+            } else {
+                c.is_empty()
+            }
+        })
+        .map(|(_, p)| home.join(p.trim_start_matches('/')))
+        .unwrap_or_else(|| home.clone());
+    let group = home.join(&name);
+    std::fs::create_dir_all(&group)
+        .map_err(|e| format!("cannot create {}: {e}", group.display()))?;
+    let limits = || -> Result<(), String> {
+        for n in &numbers {
+            if v1 {
+                for (file, v) in [
+                    ("blkio.throttle.read_iops_device", iops),
+                    ("blkio.throttle.write_iops_device", iops),
+                    ("blkio.throttle.read_bps_device", bps),
+                    ("blkio.throttle.write_bps_device", bps),
+                ] {
+                    write(group.join(file), &format!("{n} {v}"))?;
+                }
+            } else {
+                let line = format!("{n} rbps={bps} wbps={bps} riops={iops} wiops={iops}");
+                write(group.join("io.max"), &line)?;
+            }
+        }
+        write(group.join("cgroup.procs"), &std::process::id().to_string())
+    };
+    match limits() {
+        Ok(()) => Ok((group, now, how)),
+        Err(e) => {
+            let _ = std::fs::remove_dir(&group);
+            Err(e)
+        }
+    }
+}
+
+/// The file-leg configuration over `imgs` (files, or block devices with `driver` `host_device`).
+fn file_legs(
+    env: &Env,
+    opts: &Opts,
+    imgs: &[PathBuf; 3],
+    driver: &str,
+    title: &str,
+    place: &str,
+) -> String {
     println!("\n== {title} ==");
     // The mirror gets the first two images; the third is qsd's single file.
     let legs: Vec<String> = imgs[..2]
@@ -1331,25 +1574,19 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], title: &str, place: &s
         Target::qsd(
             env,
             "qsd file (aio=native)",
-            &[format!(
-                "driver=file,node-name=disk,filename={},cache.direct=on,aio=native,locking=off",
-                imgs[2].display()
-            )],
+            &[file_node("disk", driver, &imgs[2], "native")],
         ),
         Target::qsd(
             env,
             "qsd file (aio=io_uring)",
-            &[format!(
-                "driver=file,node-name=disk,filename={},cache.direct=on,aio=io_uring,locking=off",
-                imgs[2].display()
-            )],
+            &[file_node("disk", driver, &imgs[2], "io_uring")],
         ),
         Target::qsd(
             env,
             "qsd quorum over both files (native)",
             &[
-                file_node("f0", &imgs[0]),
-                file_node("f1", &imgs[1]),
+                file_node("f0", driver, &imgs[0], "native"),
+                file_node("f1", driver, &imgs[1], "native"),
                 "driver=quorum,node-name=disk,vote-threshold=2,children.0=f0,children.1=f1,\
                  read-pattern=fifo"
                     .to_string(),
@@ -1364,7 +1601,7 @@ fn file_legs(env: &Env, opts: &Opts, imgs: &[PathBuf; 3], title: &str, place: &s
             "vhost-mirror `blk --leg file:leg0.img --leg file:leg1.img` after \
              `create --assume-clean` (metadata on), both legs io_uring + O_DIRECT, reads \
              `least-outstanding` over both legs; vs qsd exporting a third image of the same kind alone (so the mirrored pair stays identical) with \
-             `driver=file,cache.direct=on` and `aio=native` or `aio=io_uring`, and vs qsd \
+             `driver={driver},cache.direct=on` and `aio=native` or `aio=io_uring`, and vs qsd \
              `driver=quorum,vote-threshold=2,read-pattern=fifo` over both files (`aio=native`): \
              the same two writes per guest write as vhost-mirror. {place} Images: {} MiB \
              each, every block written beforehand.",
@@ -2362,10 +2599,11 @@ fn main() {
         );
     }
     type SectionFn = fn(&Env, &Opts, &[PathBuf; 3]) -> String;
-    let sections: [(&str, SectionFn); 9] = [
+    let sections: [(&str, SectionFn); 10] = [
         ("null", |e, o, _| null_section(e, o)),
         ("file", file_section),
         ("file-shm", file_shm_section),
+        ("file-dev", file_dev_section),
         ("nbd", nbd_section),
         ("nbd-mem", nbd_mem_section),
         ("memory", memory_section),
