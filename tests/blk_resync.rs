@@ -113,7 +113,7 @@ fn resync_copies_only_dirty_chunks() {
 /// Checks that the legs match and chunk 3 holds no stale data on leg 1, and returns leg 1's
 /// command log of the resync and the daemon's log.
 fn resync_a_zeroed_chunk(name: &str, filters: &[&str], params: &[&str]) -> (String, String) {
-    let (mut r, _logs, log) = rig_logging_leg1(name, filters, params, &[]);
+    let (mut r, _logs, log) = rig_logging_leg1(name, filters, params, &[], &[]);
     let mut c = Client::connect(&r.daemon.socket, 4);
     // Chunks 2, 3 and 4 (1 MiB each) hold data on both legs.
     for chunk in [2u64, 3, 4] {
@@ -146,12 +146,14 @@ fn resync_a_zeroed_chunk(name: &str, filters: &[&str], params: &[&str]) -> (Stri
     (resync_log, daemon_log)
 }
 
-/// A rig whose leg 1 has nbdkit's log filter in front of `filters`; with the directory that
-/// holds the log (the log lives as long as it) and the log's path.
+/// A rig whose leg 1 has nbdkit's log filter in front of `filters`, created with
+/// `--assume-clean` and `create` (e.g. a chunk size); with the directory that holds the log (the
+/// log lives as long as it) and the log's path.
 fn rig_logging_leg1(
     name: &str,
     filters: &[&str],
     params: &[&str],
+    create: &[&str],
     extra: &[&str],
 ) -> (Rig, TempDir, std::path::PathBuf) {
     let logs = TempDir::new(&format!("{name}-log"));
@@ -159,7 +161,15 @@ fn rig_logging_leg1(
     let logfile = format!("logfile={}", log.display());
     let filters: Vec<&str> = ["log"].iter().chain(filters).copied().collect();
     let params: Vec<&str> = [logfile.as_str()].iter().chain(params).copied().collect();
-    let r = Rig::start(name, [&[], &filters], [&[], &params], extra);
+    let create: Vec<&str> = ["--assume-clean"].iter().chain(create).copied().collect();
+    let r = Rig::build(
+        name,
+        [&[], &filters],
+        [&[], &params],
+        Some(&create),
+        extra,
+        |_| {},
+    );
     (r, logs, log)
 }
 
@@ -179,6 +189,36 @@ fn command(line: &str) -> Option<(&str, u64, u64)> {
             .unwrap_or(0)
     };
     Some((kind, hex("offset"), hex("count")))
+}
+
+/// The most commands of `kind` whose count is `count` that leg 1's `log` shows in flight at
+/// once: each from its request line to the line with its return ("...Write id=I return=…").
+fn most_in_flight(log: &str, kind: &str, count: u64) -> usize {
+    let id = |line: &str| {
+        line.split(" id=")
+            .nth(1)
+            .and_then(|x| x.split(' ').next())
+            .map(str::to_string)
+    };
+    let mut open = std::collections::HashSet::new();
+    let mut most = 0;
+    for line in log.lines() {
+        match command(line) {
+            Some((k, _, n)) if k == kind && n == count => {
+                open.extend(id(line));
+                most = most.max(open.len());
+            }
+            Some(_) => {}
+            None => {
+                if line.contains(&format!(" ...{kind} ")) {
+                    if let Some(i) = id(line) {
+                        open.remove(&i);
+                    }
+                }
+            }
+        }
+    }
+    most
 }
 
 /// Leg 1's logged commands of `kind` ("Write", "Zero") at `offset`.
@@ -230,7 +270,7 @@ fn resync_48_chunks(name: &str, busy: bool) -> (Vec<usize>, Vec<usize>, String) 
     // Busy, the copy starts held at 1 MiB/s and is let go once the guest's writes are coming:
     // at full speed the first 32 MiB could land before the first of them.
     let extra: &[&str] = if busy { &["--resync-rate", "1M"] } else { &[] };
-    let (mut r, _logs, log) = rig_logging_leg1(name, &[], &[], extra);
+    let (mut r, _logs, log) = rig_logging_leg1(name, &[], &[], &[], extra);
     let mut c = Client::connect(&r.daemon.socket, 4);
     lose_leg1_missing_chunks(&mut r, &mut c, 48);
     // The restarted server starts a new log: the resync's commands.
@@ -438,6 +478,34 @@ fn a_target_without_flush_is_resynced() {
     assert!(log.contains("flush false"), "leg 1 offered flush: {log}");
     assert!(last_copied(&log) >= 40 << 20, "{log}");
     assert!(!log.contains("resync failed"), "{log}");
+    drop(c);
+    assert_legs_match(r);
+}
+
+/// With chunks of 4 MiB the resync keeps two in flight, not its window of eight: the buffers
+/// it holds stay within 8 MiB however large the chunks (up to 1 GiB).
+#[test]
+fn a_resync_of_large_chunks_keeps_8_mib_in_flight() {
+    let (mut r, _logs, log) =
+        rig_logging_leg1("big-chunks", &[], &[], &["--chunk-size", "4M"], &[]);
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    r.legs[1].kill();
+    r.wait_leg(1, "failed", Duration::from_secs(5));
+    // A block in each of the 15 chunks the data has room for (64 MiB less the metadata).
+    for chunk in 0..15u64 {
+        assert_eq!(c.write(chunk << 22, &pattern(chunk, 4096)), 0);
+    }
+    r.legs[1].restart();
+    re_add(&r, 1);
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    let resync_log = std::fs::read_to_string(&log).unwrap();
+    let writes = resync_log
+        .lines()
+        .filter(|l| command(l).is_some_and(|(k, _, n)| k == "Write" && n == 4 << 20))
+        .count();
+    assert_eq!(writes, 15, "{resync_log}");
+    let most = most_in_flight(&resync_log, "Write", 4 << 20);
+    assert!(most <= 2, "{most} chunks of 4 MiB in flight: {resync_log}");
     drop(c);
     assert_legs_match(r);
 }
