@@ -1595,16 +1595,24 @@ fn file_legs(
     ];
     let rows = measure(opts, &mut targets, opts.size);
     let warn = mirror_warnings(&targets);
+    // Images by their names (the scratch directory's path says nothing), devices in full.
+    let shown = |p: &Path| match (driver, p.file_name()) {
+        ("file", Some(n)) => n.to_string_lossy().into_owned(),
+        _ => p.display().to_string(),
+    };
     section(
         title,
         &format!(
-            "vhost-mirror `blk --leg file:leg0.img --leg file:leg1.img` after \
-             `create --assume-clean` (metadata on), both legs io_uring + O_DIRECT, reads \
-             `least-outstanding` over both legs; vs qsd exporting a third image of the same kind alone (so the mirrored pair stays identical) with \
-             `driver={driver},cache.direct=on` and `aio=native` or `aio=io_uring`, and vs qsd \
-             `driver=quorum,vote-threshold=2,read-pattern=fifo` over both files (`aio=native`): \
-             the same two writes per guest write as vhost-mirror. {place} Images: {} MiB \
-             each, every block written beforehand.",
+            "vhost-mirror `blk --leg file:{} --leg file:{}` after `create --assume-clean` \
+             (metadata on), both legs io_uring + O_DIRECT, reads `least-outstanding` over both \
+             legs; vs qsd exporting a third {} of the same kind alone (so the mirrored pair \
+             stays identical) with `driver={driver},cache.direct=on` and `aio=native` or \
+             `aio=io_uring`, and vs qsd `driver=quorum,vote-threshold=2,read-pattern=fifo` over \
+             both (`aio=native`): the same two writes per guest write as vhost-mirror. {place} \
+             Images: {} MiB each, every block written beforehand.",
+            shown(&imgs[0]),
+            shown(&imgs[1]),
+            if driver == "file" { "image" } else { "device" },
             (opts.size + META_ROOM) / MIB
         ),
         &rows,
