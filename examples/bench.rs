@@ -1309,37 +1309,54 @@ fn file_section(env: &Env, opts: &Opts, imgs: &[PathBuf; 3]) -> String {
     )
 }
 
+/// Three fully written images in a directory of /dev/shm that goes with them.
+struct ShmImages {
+    dir: PathBuf,
+    imgs: [PathBuf; 3],
+}
+
+impl ShmImages {
+    fn new(tag: &str, size: u64) -> ShmImages {
+        let dir = PathBuf::from(format!("/dev/shm/vhm-bench-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        // Removed on drop from here on, even if writing them fails: RAM, not disk.
+        let imgs = ShmImages {
+            imgs: [0, 1, 2].map(|i| dir.join(format!("leg{i}.img"))),
+            dir,
+        };
+        for p in &imgs.imgs {
+            image(p, size);
+        }
+        imgs
+    }
+}
+
+impl Drop for ShmImages {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The same with both images in /dev/shm (tmpfs, which takes O_DIRECT since Linux 6.6): no
 /// disk under the legs, so what is left is the software path.
 fn file_shm_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
-    let dir = PathBuf::from(format!("/dev/shm/vhm-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-    let imgs = [
-        dir.join("leg0.img"),
-        dir.join("leg1.img"),
-        dir.join("leg2.img"),
-    ];
-    for p in &imgs {
-        image(p, opts.size + META_ROOM);
-    }
-    let s = file_legs(
+    let shm = ShmImages::new("shm", opts.size + META_ROOM);
+    file_legs(
         env,
         opts,
-        &imgs,
+        &shm.imgs,
         "file",
         "b2. Two file legs on tmpfs (O_DIRECT, images in /dev/shm)",
         "The images live in RAM (tmpfs honours O_DIRECT since Linux 6.6): no disk behind the \
          legs, so this shows the cost of the software path itself.",
-    );
-    let _ = std::fs::remove_dir_all(&dir);
-    s
+    )
 }
 
-/// What the `file-dev` section caps each leg's device at: a cloud block volume's provisioned
-/// limits (AWS gp3 at its maximum: 16000 IOPS and 1000 MB/s), well under what the two vCPUs
-/// can drive, so the device rather than the shared CPUs is the limit, as it is when every leg
-/// is a disk of its own.
+/// What the `file-dev` section caps each leg's device at, each way: the order of a provisioned
+/// cloud block volume, and well under what the two vCPUs can drive (the same devices uncapped
+/// take 95 k mirrored 4K writes a second), so the device rather than the shared CPUs is the
+/// limit, as it is when every leg is a disk of its own.
 const DEV_IOPS: u64 = 16_000;
 const DEV_BPS: u64 = 1_000_000_000;
 
@@ -1350,114 +1367,100 @@ const DEV_BPS: u64 = 1_000_000_000;
 /// (b2).
 fn file_dev_section(env: &Env, opts: &Opts, _imgs: &[PathBuf; 3]) -> String {
     const TITLE: &str = "b3. Two file legs on devices of their own, IOPS- and bandwidth-capped";
-    let dir = PathBuf::from(format!("/dev/shm/vhm-bench-dev-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)
-        .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
-    let imgs = [0, 1, 2].map(|i| dir.join(format!("leg{i}.img")));
-    for p in &imgs {
-        image(p, opts.size + META_ROOM);
-    }
+    let shm = ShmImages::new("dev", opts.size + META_ROOM);
     let iops = opts.dev_iops;
-    let s = match CappedDevices::new(&imgs, iops, DEV_BPS) {
-        Ok(devs) => {
-            let cap = match devs.group {
-                Some((_, _, how)) => format!(
-                    "and the kernel's block throttle ({how}) caps every device at {iops} reads \
-                     and {iops} writes a second and {} MB/s each way{}. Every leg is a device \
-                     with its own limit, as in a deployment; the bench and every daemon run in \
-                     that cgroup, one target at a time.",
-                    DEV_BPS / 1_000_000,
-                    if iops == DEV_IOPS {
-                        ": AWS gp3's largest provisioned limits"
-                    } else {
-                        ""
-                    }
-                ),
-                None => "with no cap (`--dev-iops 0`): the devices' kernel workers share the \
-                         two vCPUs with everything else."
-                    .into(),
-            };
-            let s = file_legs(
-                env,
-                opts,
-                &devs.devs,
-                "host_device",
-                TITLE,
-                &format!(
-                    "Each image (in /dev/shm) is behind a loop device of its own \
-                     (`losetup --direct-io=on`: the device's kernel worker does the image's \
-                     I/O), {cap}"
-                ),
-            );
-            drop(devs);
-            s
-        }
+    let devs = match CappedDevices::new(&shm.imgs, iops, DEV_BPS) {
+        Ok(devs) => devs,
         Err(e) => {
             println!("\n== {TITLE}: skipped: {e} ==");
-            format!("### {TITLE}\n\nSkipped: {e}.\n\n")
+            return format!("### {TITLE}\n\nSkipped: {e}.\n\n");
         }
     };
-    let _ = std::fs::remove_dir_all(&dir);
-    s
+    let cap = match &devs.throttle {
+        Some(t) => format!(
+            "and the kernel's block throttle ({}) caps every device at {iops} reads and {iops} \
+             writes a second and {} MB/s each way, the order of a provisioned cloud block \
+             volume. Every leg is a device with its own limit, as in a deployment; the bench \
+             and every daemon run in that cgroup, one target at a time.",
+            t.how,
+            DEV_BPS / 1_000_000
+        ),
+        None => "with no cap (`--dev-iops 0`): the devices' kernel workers share the two vCPUs \
+                 with everything else."
+            .into(),
+    };
+    let paths: [PathBuf; 3] = std::array::from_fn(|i| devs.devs[i].clone());
+    file_legs(
+        env,
+        opts,
+        &paths,
+        "host_device",
+        TITLE,
+        &format!(
+            "Each image (in /dev/shm) is behind a loop device of its own (`losetup \
+             --direct-io=on`: the device's kernel worker does the image's I/O; its CPU time is \
+             not in the table's CPU per request), {cap}"
+        ),
+    )
 }
 
 /// Loop devices over images, capped by a block-throttle cgroup that this process (and so every
 /// daemon it starts meanwhile) is in until drop: cgroup v1's blkio controller, or v2's io
-/// controller.
+/// controller. Drop detaches whatever was set up, also after a failure half-way.
 struct CappedDevices {
-    devs: [PathBuf; 3],
-    /// The cgroup, the one this process left for it, and which controller caps the devices;
+    devs: Vec<PathBuf>,
     /// None for no cap.
-    group: Option<(PathBuf, PathBuf, &'static str)>,
+    throttle: Option<Throttle>,
+}
+
+/// A block-throttle cgroup this process is in.
+struct Throttle {
+    group: PathBuf,
+    /// The cgroup this process left for it, to go back to.
+    was_in: PathBuf,
+    /// Which controller does it, for the report.
+    how: &'static str,
 }
 
 impl CappedDevices {
     fn new(imgs: &[PathBuf; 3], iops: u64, bps: u64) -> Result<CappedDevices, String> {
-        let mut devs = Vec::new();
+        let mut capped = CappedDevices {
+            devs: Vec::new(),
+            throttle: None,
+        };
         for img in imgs {
-            match loop_device(img) {
-                Ok(d) => devs.push(d),
-                Err(e) => {
-                    for d in &devs {
-                        detach_loop(d);
-                    }
-                    return Err(e);
-                }
-            }
+            capped.devs.push(loop_device(img)?);
         }
-        let devs: [PathBuf; 3] = devs.try_into().expect("three devices");
-        if iops == 0 {
-            return Ok(CappedDevices { devs, group: None });
+        if iops > 0 {
+            capped.throttle = Some(throttle_group(&capped.devs, iops, bps)?);
         }
-        match throttle_group(&devs, iops, bps) {
-            Ok(group) => Ok(CappedDevices {
-                devs,
-                group: Some(group),
-            }),
-            Err(e) => {
-                devs.iter().for_each(|d| detach_loop(d));
-                Err(e)
-            }
-        }
+        Ok(capped)
     }
 }
 
 impl Drop for CappedDevices {
     fn drop(&mut self) {
-        if let Some((group, home, _)) = &self.group {
+        if let Some(t) = &self.throttle {
             let me = std::process::id().to_string();
-            if let Err(e) = std::fs::write(home.join("cgroup.procs"), &me) {
-                eprintln!("cannot leave {}: {e}", group.display());
+            if let Err(e) = std::fs::write(t.was_in.join("cgroup.procs"), &me) {
+                eprintln!("cannot leave {}: {e}", t.group.display());
             }
-            let _ = std::fs::remove_dir(group);
+            // The daemons of the section are gone by now; a cgroup still busy is left behind.
+            if let Err(e) = std::fs::remove_dir(&t.group) {
+                eprintln!("cannot remove {}: {e}", t.group.display());
+            }
         }
         for d in &self.devs {
-            detach_loop(d);
+            if let Err(e) = Command::new("losetup").arg("-d").arg(d).status() {
+                eprintln!("cannot detach {}: {e}", d.display());
+            }
         }
     }
 }
 
-/// `losetup --find --show --direct-io=on IMG`: the new device.
+/// A new loop device over `img` with direct I/O, so the device's worker reads and writes the
+/// image itself rather than through a second page cache; an error if the kernel fell back to
+/// buffered I/O (the section would then measure the page cache).
 fn loop_device(img: &Path) -> Result<PathBuf, String> {
     let out = Command::new("losetup")
         .args(["--find", "--show", "--direct-io=on"])
@@ -1471,20 +1474,23 @@ fn loop_device(img: &Path) -> Result<PathBuf, String> {
             String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
-    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-}
-
-fn detach_loop(dev: &Path) {
-    let _ = Command::new("losetup").arg("-d").arg(dev).status();
+    let dev = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    let name = dev.file_name().map(|n| n.to_string_lossy().into_owned());
+    let dio = name.and_then(|n| std::fs::read_to_string(format!("/sys/block/{n}/loop/dio")).ok());
+    if dio.as_deref().map(str::trim) != Some("1") {
+        let _ = Command::new("losetup").arg("-d").arg(&dev).status();
+        return Err(format!(
+            "{} took no direct I/O over {}",
+            dev.display(),
+            img.display()
+        ));
+    }
+    Ok(dev)
 }
 
 /// A new cgroup capping every device in `devs` at `iops` and `bps` each way, with this process
-/// moved into it: the cgroup, the one the process was in, and which controller does it.
-fn throttle_group(
-    devs: &[PathBuf],
-    iops: u64,
-    bps: u64,
-) -> Result<(PathBuf, PathBuf, &'static str), String> {
+/// moved into it.
+fn throttle_group(devs: &[PathBuf], iops: u64, bps: u64) -> Result<Throttle, String> {
     use std::os::unix::fs::MetadataExt;
     let mut numbers = Vec::new();
     for d in devs {
@@ -1499,7 +1505,7 @@ fn throttle_group(
     };
     let v1 = PathBuf::from("/sys/fs/cgroup/blkio");
     let v2 = PathBuf::from("/sys/fs/cgroup");
-    let (home, how) = if v1.join("blkio.throttle.write_iops_device").exists() {
+    let (root, how) = if v1.join("blkio.throttle.write_iops_device").exists() {
         (v1, "cgroup v1 `blkio.throttle.*_device`")
     } else if std::fs::read_to_string(v2.join("cgroup.controllers"))
         .is_ok_and(|c| c.split_whitespace().any(|x| x == "io"))
@@ -1510,7 +1516,7 @@ fn throttle_group(
         return Err("no block throttle: neither cgroup v1 blkio nor v2 io is available".into());
     };
     // Where this process is now, to go back to: "N:blkio:/PATH" (v1) or "0::/PATH" (v2).
-    let v1 = home.ends_with("blkio");
+    let v1 = root.ends_with("blkio");
     let mine = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let now = mine
         .lines()
@@ -1522,9 +1528,9 @@ fn throttle_group(
                 c.is_empty()
             }
         })
-        .map(|(_, p)| home.join(p.trim_start_matches('/')))
-        .unwrap_or_else(|| home.clone());
-    let group = home.join(&name);
+        .map(|(_, p)| root.join(p.trim_start_matches('/')))
+        .unwrap_or_else(|| root.clone());
+    let group = root.join(&name);
     std::fs::create_dir_all(&group)
         .map_err(|e| format!("cannot create {}: {e}", group.display()))?;
     let limits = || -> Result<(), String> {
@@ -1546,7 +1552,11 @@ fn throttle_group(
         write(group.join("cgroup.procs"), &std::process::id().to_string())
     };
     match limits() {
-        Ok(()) => Ok((group, now, how)),
+        Ok(()) => Ok(Throttle {
+            group,
+            was_in: now,
+            how,
+        }),
         Err(e) => {
             let _ = std::fs::remove_dir(&group);
             Err(e)
