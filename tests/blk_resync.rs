@@ -344,13 +344,15 @@ fn a_resync_yielding_to_the_guest_flushes_only_at_its_end() {
     );
 }
 
-/// Leg 1's server as nbdkit's eval plugin serving `leg1.img` in `dir` through `dd`: a real NBD
-/// server whose flush fails with EIO while the file `fail-flush` exists in `dir`, or (`flush`
-/// false) that offers no flush at all. It does FUA itself (a write with `fdatasync`), so writes
-/// that ask for it do not turn into flushes.
-fn scripted_leg1(dir: &TempDir, flush: bool) -> Vec<String> {
-    let img = dir.path("leg1.img").display().to_string();
+/// Leg `i`'s server as nbdkit's eval plugin serving `leg{i}.img` in `dir` through `dd`: a real
+/// NBD server whose flush fails with EIO while the file `fail-flush` exists in `dir`, or
+/// (`flush` false) that offers no flush at all, and whose writes to the first MiB (chunk 0)
+/// fail with EIO while `fail-chunk0` exists. It does FUA itself (a write with `fdatasync`), so
+/// writes that ask for it do not turn into flushes.
+fn scripted_leg(dir: &TempDir, i: usize, flush: bool) -> Vec<String> {
+    let img = dir.path(&format!("leg{i}.img")).display().to_string();
     let flag = dir.path("fail-flush").display().to_string();
+    let chunk0 = dir.path("fail-chunk0").display().to_string();
     let mut args = vec![
         "eval".to_string(),
         format!("get_size=echo {DISK}"),
@@ -360,7 +362,9 @@ fn scripted_leg1(dir: &TempDir, flush: bool) -> Vec<String> {
         ),
         // $5 holds the request's flags, "fua" among them when it asks for stable storage.
         format!(
-            "pwrite=case \"$5\" in *fua*) c=conv=notrunc,fdatasync;; *) c=conv=notrunc;; esac; \
+            "pwrite=if [ -e '{chunk0}' ] && [ $4 -lt 1048576 ]; then cat >/dev/null; \
+             echo 'EIO write refused' >&2; exit 1; fi; \
+             case \"$5\" in *fua*) c=conv=notrunc,fdatasync;; *) c=conv=notrunc;; esac; \
              exec dd of='{img}' seek=$4 oflag=seek_bytes $c bs=1M status=none"
         ),
         "can_write=exit 0".into(),
@@ -391,7 +395,7 @@ fn lose_leg1_missing_chunks(r: &mut Rig, c: &mut Client, chunks: u64, chunk_size
     std::thread::sleep(Duration::from_millis(300));
 }
 
-/// A rig whose leg 1 is [`scripted_leg1`], after [`lose_leg1_missing_chunks`]; with the client.
+/// A rig whose leg 1 is [`scripted_leg`], after [`lose_leg1_missing_chunks`]; with the client.
 fn scripted_rig_missing_chunks(name: &str, flush: bool, chunks: u64) -> (Rig, Client) {
     let file = |dir: &TempDir| Nbdkit::file_args(&dir.path("leg0.img"), &[], &[]);
     let mut r = Rig::build_servers(
@@ -401,7 +405,7 @@ fn scripted_rig_missing_chunks(name: &str, flush: bool, chunks: u64) -> (Rig, Cl
         |_| {},
         |dir, i| match i {
             0 => file(dir),
-            _ => scripted_leg1(dir, flush),
+            _ => scripted_leg(dir, 1, flush),
         },
     );
     let mut c = Client::connect(&r.daemon.socket, 4);
@@ -491,15 +495,60 @@ fn a_target_without_flush_is_resynced() {
     assert_legs_match(r);
 }
 
+/// The up-to-date leg fails a write (a device error) that the leg being resynced takes. The
+/// guest gets the error and the up-to-date leg stays, as it would if no leg had taken the write:
+/// answering "done" would leave the write only on a leg without the whole disk, and ejecting the
+/// up-to-date leg would leave no complete copy. The resyncing leg goes (it now differs), comes
+/// back and is resynced from the up-to-date leg.
+#[test]
+fn a_write_only_a_resyncing_leg_took_fails_and_the_current_leg_stays() {
+    let mut r = Rig::build_servers(
+        "behind-took",
+        Some(&["--assume-clean"]),
+        &["--resync-rate", "1M"],
+        |_| {},
+        |dir, i| match i {
+            0 => scripted_leg(dir, 0, true),
+            _ => Nbdkit::file_args(&dir.path("leg1.img"), &[], &[]),
+        },
+    );
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    // Chunks 0 to 7 dirty (their bits on disk: the write below needs no metadata write).
+    lose_leg1_missing_chunks(&mut r, &mut c, 8, 1 << 20);
+    r.legs[1].restart();
+    re_add(&r, 1);
+    r.wait_leg(1, "resyncing", Duration::from_secs(10));
+    let flag = r.dir.path("fail-chunk0");
+    std::fs::write(&flag, b"").unwrap();
+    let rc = c.write(4096, &pattern(99, 4096));
+    std::fs::remove_file(&flag).unwrap();
+    let log = r.daemon.log_text();
+    assert_ne!(
+        rc, 0,
+        "a write only the resyncing leg took was answered as done: {log}"
+    );
+    assert_eq!(r.daemon.leg_state(0), "uptodate", "{log}");
+    assert!(
+        log.contains("took a write every up-to-date leg failed"),
+        "the resyncing leg stayed: {log}"
+    );
+    let ok = ctl(&r.daemon.control, r#"{"cmd":"set-resync-rate","rate":0}"#);
+    assert_eq!(ok["ok"], true, "{ok}");
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    assert_eq!(r.daemon.leg_state(0), "uptodate");
+    drop(c);
+    assert_legs_match(r);
+}
+
 /// With chunks of 4 MiB the resync keeps two in flight, not its window of eight: the buffers
 /// it holds stay within 8 MiB however large the chunks (up to 1 GiB).
 #[test]
 fn a_resync_of_large_chunks_keeps_8_mib_in_flight() {
-    // Each write held 20 ms on leg 1, so copies in flight together overlap in its log.
+    // Each write held 200 ms on leg 1, so copies in flight together overlap in its log.
     let (mut r, _logs, log) = rig_logging_leg1(
         "big-chunks",
         &["delay"],
-        &["delay-write=20ms"],
+        &["delay-write=200ms"],
         &["--chunk-size", "4M"],
         &[],
     );

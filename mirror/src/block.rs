@@ -1045,17 +1045,46 @@ impl<C: Send + 'static> Inner<C> {
 
     /// Waits for a request sent with [`Inner::leg_io_start`].
     pub(crate) fn leg_io_wait(&self, rx: &Receiver<InternalResult>) -> InternalResult {
-        // Past the watchdog's limit for any request, which ejects a leg that holds one.
-        let limit = self
-            .cfg
-            .io_timeout
-            .max(self.cfg.flush_timeout)
-            .saturating_mul(4)
-            .saturating_add(Duration::from_secs(10));
+        let limit = self.wait_limit();
         match rx.recv_timeout(limit) {
             Ok(r) => r,
             Err(_) => Err(LegError::Lost(format!("no answer within {limit:?}"))),
         }
+    }
+
+    /// Waits for the first of `rxs` to be answered: its index and the outcome. If none is
+    /// within the limit, the first (the oldest) is given up on.
+    pub(crate) fn leg_io_wait_any(
+        &self,
+        rxs: &[&Receiver<InternalResult>],
+    ) -> (usize, InternalResult) {
+        let limit = self.wait_limit();
+        let mut sel = crossbeam_channel::Select::new();
+        for rx in rxs {
+            sel.recv(rx);
+        }
+        match sel.select_timeout(limit) {
+            Ok(op) => {
+                let i = op.index();
+                let r = op.recv(rxs[i]).unwrap_or_else(|_| {
+                    Err(LegError::Lost("request dropped without an answer".into()))
+                });
+                (i, r)
+            }
+            Err(_) => (
+                0,
+                Err(LegError::Lost(format!("no answer within {limit:?}"))),
+            ),
+        }
+    }
+
+    /// Past the watchdog's limit for any request, which ejects a leg that holds one.
+    fn wait_limit(&self) -> Duration {
+        self.cfg
+            .io_timeout
+            .max(self.cfg.flush_timeout)
+            .saturating_mul(4)
+            .saturating_add(Duration::from_secs(10))
     }
 
     fn leg_done(&self, leg: usize, epoch: u64, tag: Tag, result: Result<(), LegError>) {
@@ -1194,13 +1223,24 @@ impl<C: Send + 'static> Inner<C> {
     /// its buffers. A write that some leg took and others failed ejects the ones that failed
     /// (they are now behind) before it is answered, so the answer waits for the generation bump;
     /// a write no leg took is an error for the guest and ejects nobody, since ejecting would
-    /// only turn one failed request into a dead disk.
+    /// only turn one failed request into a dead disk. So is a write that only legs being
+    /// resynced took: they go instead.
     fn settle(&self, reqs: &mut Slab<Entry<C>>, key: usize, after: &mut After<C>) {
         let Some(e) = reqs.get_mut(key) else { return };
         let mut answer = None;
         let mut behind: Mask = 0;
+        let mut only_behind_took = false;
         if e.waiting == 0 {
-            let status = if e.ok != 0 {
+            // Legs still being resynced took it, and every up-to-date leg failed it with a device
+            // error: answering it as done would leave it only on legs that do not hold the whole
+            // disk, and ejecting the up-to-date legs would leave no complete copy (no source to
+            // finish the resync from, split brain at the next start). As when no leg takes a
+            // write, the guest gets the error and the up-to-date legs stay; the resyncing legs
+            // that took it now differ from them and go, to copy the chunk again when they return.
+            only_behind_took = e.ok != 0 && e.write_failed != 0 && e.ok & self.up_to_date() == 0;
+            let status = if only_behind_took {
+                IoStatus::IoError
+            } else if e.ok != 0 {
                 IoStatus::Ok
             } else if e.unsupported != 0 {
                 IoStatus::Unsupported
@@ -1213,7 +1253,9 @@ impl<C: Send + 'static> Inner<C> {
                         if let Some(md) = self.md() {
                             md.chunks.end(std::mem::replace(&mut e.chunks, 0..0));
                         }
-                        if e.ok != 0 {
+                        if only_behind_took {
+                            behind = e.ok;
+                        } else if e.ok != 0 {
                             behind = e.write_failed;
                         }
                         answer = Some((ctx, status, !e.is_read()));
@@ -1233,11 +1275,14 @@ impl<C: Send + 'static> Inner<C> {
                 }
             }
         }
-        let reason = e
+        let mut reason = e
             .error
             .as_ref()
             .map(|err| format!("{} failed: {err}", e.op.name()))
             .unwrap_or_default();
+        if only_behind_took {
+            reason = format!("took a write every up-to-date leg failed ({reason})");
+        }
         if e.outstanding == 0
             && match &e.origin {
                 Origin::Guest(c) => c.is_none(),

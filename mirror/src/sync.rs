@@ -1251,14 +1251,20 @@ fn resync<C: Send + 'static>(
                 Err(e) => failed = Some(e),
             }
         }
-        if failed.is_none() {
-            if let Some(w) = window.pop_front() {
+        if failed.is_none() && !window.is_empty() {
+            // Whichever copy is answered first moves on. Waiting for the oldest instead held a
+            // copy whose read had come back behind the oldest one's write: with writes slower
+            // than reads (a distant or loaded target) one write was in flight at a time.
+            let rxs: smallvec::SmallVec<[&Receiver<InternalResult>; RESYNC_WINDOW]> =
+                window.iter().map(|w| &w.rx).collect();
+            let (i, outcome) = inner.leg_io_wait_any(&rxs);
+            drop(rxs);
+            if let Some(w) = window.remove(i) {
                 let slot = w.slot;
-                let outcome = inner.leg_io_wait(&w.rx);
                 let a = advance(inner, md, leg, &mut bufs, &mut p, w, outcome);
                 match settle(a, slot, &mut free, &mut retry) {
-                    // Back at the front: it is the oldest copy still.
-                    Ok(Some(w)) => window.push_front(w),
+                    // Back in its place: the copies stay oldest first.
+                    Ok(Some(w)) => window.insert(i, w),
                     Ok(None) => {}
                     Err(e) => failed = Some(e),
                 }
