@@ -347,18 +347,21 @@ fn a_resync_yielding_to_the_guest_flushes_only_at_its_end() {
 /// Leg `i`'s server as nbdkit's eval plugin serving `leg{i}.img` in `dir` through `dd`: a real
 /// NBD server whose flush fails with EIO while the file `fail-flush` exists in `dir`, or
 /// (`flush` false) that offers no flush at all, and whose writes to the first MiB (chunk 0)
-/// fail with EIO while `fail-chunk0` exists. It does FUA itself (a write with `fdatasync`), so
+/// fail with EIO while `fail-chunk0` exists, its reads there while `fail-read-chunk0` does. It
+/// does FUA itself (a write with `fdatasync`), so
 /// writes that ask for it do not turn into flushes.
 fn scripted_leg(dir: &TempDir, i: usize, flush: bool) -> Vec<String> {
     let img = dir.path(&format!("leg{i}.img")).display().to_string();
     let flag = dir.path("fail-flush").display().to_string();
     let chunk0 = dir.path("fail-chunk0").display().to_string();
+    let read0 = dir.path("fail-read-chunk0").display().to_string();
     let mut args = vec![
         "eval".to_string(),
         format!("get_size=echo {DISK}"),
         format!(
-            "pread=exec dd if='{img}' skip=$4 count=$3 iflag=skip_bytes,count_bytes bs=1M \
-             status=none"
+            "pread=if [ -e '{read0}' ] && [ $4 -lt 1048576 ]; then \
+             echo 'EIO read refused' >&2; exit 1; fi; \
+             exec dd if='{img}' skip=$4 count=$3 iflag=skip_bytes,count_bytes bs=1M status=none"
         ),
         // $5 holds the request's flags, "fua" among them when it asks for stable storage.
         format!(
@@ -534,6 +537,46 @@ fn a_write_only_a_resyncing_leg_took_fails_and_the_current_leg_stays() {
     );
     let ok = ctl(&r.daemon.control, r#"{"cmd":"set-resync-rate","rate":0}"#);
     assert_eq!(ok["ok"], true, "{ok}");
+    r.wait_leg(1, "uptodate", Duration::from_secs(30));
+    assert_eq!(r.daemon.leg_state(0), "uptodate");
+    drop(c);
+    assert_legs_match(r);
+}
+
+/// The resync meets a bad block on the only up-to-date leg (a device error reading chunk 0).
+/// That leg stays, as it does for a guest read's bad block: ejecting it would leave no complete
+/// copy. The leg being resynced leaves instead, the guest carries on, and once the block reads
+/// again the leg comes back and is resynced.
+#[test]
+fn a_bad_block_on_the_only_current_leg_sends_the_resyncing_leg_away() {
+    let mut r = Rig::build_servers(
+        "bad-source",
+        Some(&["--assume-clean"]),
+        &[],
+        |_| {},
+        |dir, i| match i {
+            0 => scripted_leg(dir, 0, true),
+            _ => Nbdkit::file_args(&dir.path("leg1.img"), &[], &[]),
+        },
+    );
+    let mut c = Client::connect(&r.daemon.socket, 4);
+    lose_leg1_missing_chunks(&mut r, &mut c, 8, 1 << 20);
+    let flag = r.dir.path("fail-read-chunk0");
+    std::fs::write(&flag, b"").unwrap();
+    r.legs[1].restart();
+    re_add(&r, 1);
+    wait_for(
+        "the resync to meet the bad block",
+        Duration::from_secs(30),
+        || {
+            r.daemon
+                .log_text()
+                .contains("could not be read from leg 0, the last up-to-date leg")
+        },
+    );
+    assert_eq!(r.daemon.leg_state(0), "uptodate", "{}", r.daemon.log_text());
+    assert_eq!(c.write(2 << 20, &pattern(200, 4096)), 0);
+    std::fs::remove_file(&flag).unwrap();
     r.wait_leg(1, "uptodate", Duration::from_secs(30));
     assert_eq!(r.daemon.leg_state(0), "uptodate");
     drop(c);

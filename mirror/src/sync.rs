@@ -1019,22 +1019,31 @@ enum Advanced<'a, C: Send + 'static> {
     Retry(u64),
     /// The target failed: the resync cannot go on.
     TargetFailed(LegError),
+    /// Chunk `0` could not be read from leg `1`, the last up-to-date leg, with a device error
+    /// (`2`): it stays, and the resync cannot go on.
+    SourceUnreadable(u64, usize, LegError),
 }
 
 /// Books what became of the copy in `slot`: its slot is freed once it has landed or must be
-/// retried (the chunk queued in `retry`). Returns the copy if it is still in flight, and the
-/// target's error if it failed.
+/// retried (the chunk queued in `retry`). Returns the copy if it is still in flight, and why the
+/// resync cannot go on if it cannot (the reason its target leaves with).
 fn settle<'a, C: Send + 'static>(
     a: Advanced<'a, C>,
     slot: usize,
     free: &mut Vec<usize>,
     retry: &mut Vec<u64>,
-) -> Result<Option<Copy<'a, C>>, LegError> {
+) -> Result<Option<Copy<'a, C>>, String> {
     match a {
         Advanced::Writing(w) => return Ok(Some(w)),
         Advanced::Landed => {}
         Advanced::Retry(c) => retry.push(c),
-        Advanced::TargetFailed(e) => return Err(e),
+        Advanced::TargetFailed(e) => return Err(format!("resync write failed: {e}")),
+        Advanced::SourceUnreadable(c, src, e) => {
+            return Err(format!(
+                "chunk {c} could not be read from leg {src}, the last up-to-date leg ({e}); \
+                 that leg stays, and this one is resynced when it returns"
+            ))
+        }
     }
     free.push(slot);
     Ok(None)
@@ -1077,6 +1086,14 @@ fn advance<'a, C: Send + 'static>(
             w.rx = rx;
             w.step = Step::Writing { len, zeroes: false };
             Advanced::Writing(w)
+        }
+        (&Step::Reading { src }, Err(e)) if !e.is_fatal() && inner.up_to_date() == bit(src) => {
+            // A bad block on the only complete copy: ejecting that leg would leave none (the
+            // guest's reads of chunks not yet copied would fail, the next start would see a
+            // split brain). It stays, as a guest read's bad block keeps a leg; the target
+            // leaves and tries again when it returns, after its backoff.
+            bufs[w.slot] = IoBuf::new(md.layout.chunk_size as usize);
+            Advanced::SourceUnreadable(w.c, src, e)
         }
         (Step::Reading { src }, Err(e)) => {
             // A late answer could still land in this buffer: the slot gets a fresh one.
@@ -1270,8 +1287,8 @@ fn resync<C: Send + 'static>(
                 }
             }
         }
-        if let Some(e) = failed {
-            fail(format!("resync write failed: {e}"));
+        if let Some(why) = failed {
+            fail(why);
             finished = false;
             break;
         }
