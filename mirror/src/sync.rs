@@ -1060,6 +1060,15 @@ fn advance<'a, C: Send + 'static>(
     outcome: InternalResult,
 ) -> Advanced<'a, C> {
     match (&w.step, outcome) {
+        (&Step::Reading { src }, Ok(())) if inner.legs[src].state() != LegState::UpToDate => {
+            // The source left while this read was out, maybe for failing a guest write that
+            // the target took (the write's chunk count ended just before the source was marked
+            // failed, which let this copy hold the chunk): what it read may be older than what
+            // the target holds. Its completion came after that mark (both under the request
+            // table's lock), so looking now is enough. Read again, from a leg still current.
+            bufs[w.slot] = IoBuf::new(md.layout.chunk_size as usize);
+            Advanced::Retry(w.c)
+        }
         (Step::Reading { .. }, Ok(())) => {
             let len = chunk_len(md, w.c);
             let may_zero = !p.no_zeroes;
@@ -1318,7 +1327,7 @@ fn resync<C: Send + 'static>(
     if finished && l.state() == LegState::Resyncing && !replaced() {
         match flusher.last(inner, leg) {
             Err(e) => fail(format!("flush after resync failed: {e}")),
-            Ok(()) => complete_resync(inner, md, leg, &p.status, p.t0.elapsed()),
+            Ok(()) => complete_resync(inner, md, leg, conn, &p.status, p.t0.elapsed()),
         }
     }
     set_resync(md, None);
@@ -1329,9 +1338,17 @@ fn complete_resync<C: Send + 'static>(
     inner: &Inner<C>,
     md: &MetaRuntime,
     leg: usize,
+    conn: u64,
     done: &ResyncStatus,
     took: Duration,
 ) {
+    let l = &inner.legs[leg];
+    // Still the connection this copy went to, and still resyncing: a leg lost (and perhaps back
+    // on a new connection, with a resync of its own) since must not be recorded up to date.
+    let current = || l.epoch.load(Ordering::SeqCst) == conn && l.state() == LegState::Resyncing;
+    if !current() {
+        return;
+    }
     let generation = {
         let mut m = md.meta();
         let g = m.generation;
@@ -1345,12 +1362,23 @@ fn complete_resync<C: Send + 'static>(
     // resynced leg still calls itself resyncing and is merely copied again.
     let others = inner_write_set(inner) & !bit(leg);
     write_superblocks(inner, md, others, false);
-    write_superblocks(inner, md, bit(leg), false);
-    let l = &inner.legs[leg];
-    if l.state() != LegState::Resyncing {
+    if !current() {
         return;
     }
-    l.set_state(LegState::UpToDate);
+    write_superblocks(inner, md, bit(leg), false);
+    // Looked at again after the superblock writes (milliseconds), and set only from resyncing.
+    if l.epoch.load(Ordering::SeqCst) != conn
+        || l.state
+            .compare_exchange(
+                LegState::Resyncing as u8,
+                LegState::UpToDate as u8,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            )
+            .is_err()
+    {
+        return;
+    }
     if let Ok(mut s) = l.synced.write() {
         *s = None;
     }
